@@ -1,0 +1,34 @@
+"""Typed errors for bad input. The CLI maps every BnfoldError to one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BnfoldError(Exception):
+    """Base class: a problem with the user's input or environment, with a message they can act on."""
+
+    exit_code: int = 2
+
+
+class InputError(BnfoldError):
+    """A file is missing, unreadable, not an ONNX model, or its external data is missing."""
+
+
+class ShapeError(BnfoldError):
+    """An input dimension could not be resolved; the message names the input and says how to pass --shape."""
+
+
+class MissingDependencyError(BnfoldError):
+    """An optional extra (torch) is needed for this path."""
+
+
+class VerificationError(BnfoldError):
+    """Safe folding could not produce a model that passes verification; ``report`` holds the details."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, report: Any = None, result: Any = None) -> None:
+        super().__init__(message)
+        self.report = report
+        self.result = result

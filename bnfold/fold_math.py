@@ -1,0 +1,153 @@
+"""Fold arithmetic: numpy only, float64 inside, one rounding to the weight's dtype.
+
+A BatchNormalization in inference mode is a per-channel affine map on axis 1 of its input
+(ONNX BatchNormalization, all opsets; ``epsilon`` defaults to 1e-5)::
+
+    y = gamma * (x - mean) / sqrt(var + eps) + beta = scale * x + shift
+    scale = gamma / sqrt(var + eps)
+    shift = beta - mean * scale
+
+When ``x`` is the output of a layer that is linear in its weight ``W`` along the output
+channel axis, ``x = L(W) + b``, the map folds into the layer::
+
+    W' = W * scale   (along the weight's output-channel axis)
+    b' = b * scale + shift     (b = 0 when the layer has no bias)
+
+The weight's output-channel axis is: 0 for Conv ``(C_out, C_in/g, k...)``; for ConvTranspose
+``(C_in, C_out/g, k...)`` it is axis 1 *within each group* (output channel ``gi * C_out/g + j``
+comes from weight rows of group ``gi``, column ``j``); for Gemm/MatMul ``B (K, N)`` axis 1, and
+for Gemm with ``transB=1`` ``B (N, K)`` axis 0.
+
+BatchNormalization is one source of ``(scale, shift)``; any per-channel affine map (a Mul/Add
+by per-channel constants) folds with the same functions.
+
+Everything is computed in float64 from the stored values and rounded once to the destination
+dtype; :func:`cast_exact` refuses a result that overflows, turns NaN, or flushes a channel that
+was non-zero to all zeros (float16 peers write ``inf`` when gamma/sqrt(var+eps) > 65504).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_EPSILON = 1e-5  # ONNX BatchNormalization: "epsilon (float, default 1e-05)"
+
+
+@dataclass(frozen=True)
+class Affine:
+    """A per-channel affine map ``y = scale * x + shift`` on a layer's output-channel axis."""
+
+    scale: np.ndarray  # float64, shape (C,)
+    shift: np.ndarray  # float64, shape (C,)
+
+    @property
+    def channels(self) -> int:
+        return int(self.scale.shape[0])
+
+
+def bn_affine(
+    gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, epsilon: float = DEFAULT_EPSILON
+) -> Affine:
+    """The inference-mode BatchNormalization as an :class:`Affine`, computed in float64.
+
+    ``epsilon`` is taken as the float32 value stored in the ONNX attribute (the runtime adds it
+    in float32 too), then widened.
+    """
+    g = np.asarray(gamma, dtype=np.float64).reshape(-1)
+    b = np.asarray(beta, dtype=np.float64).reshape(-1)
+    m = np.asarray(mean, dtype=np.float64).reshape(-1)
+    v = np.asarray(var, dtype=np.float64).reshape(-1)
+    eps = float(np.float32(epsilon))
+    scale = g / np.sqrt(v + eps)
+    shift = b - m * scale
+    return Affine(scale=scale, shift=shift)
+
+
+def scale_weight(weight: np.ndarray, scale: np.ndarray, *, axis: int, groups: int = 1) -> np.ndarray:
+    """``weight * scale`` along ``axis`` in float64.
+
+    ``groups > 1`` with ``axis == 1`` is the ConvTranspose layout ``(C_in, C_out/g, k...)``: the
+    output channel of element ``[i, j, ...]`` is ``(i // (C_in/g)) * (C_out/g) + j``.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    s = np.asarray(scale, dtype=np.float64).reshape(-1)
+    if groups > 1:
+        if axis != 1:
+            raise ValueError("grouped scaling is only defined for the ConvTranspose layout (axis 1)")
+        c_in, c_out_g = w.shape[0], w.shape[1]
+        if c_in % groups or s.shape[0] != c_out_g * groups:
+            raise ValueError(f"weight {w.shape} does not match {s.shape[0]} channels in {groups} groups")
+        grouped = w.reshape((groups, c_in // groups, c_out_g) + w.shape[2:])
+        s_shape = (groups, 1, c_out_g) + (1,) * (w.ndim - 2)
+        return (grouped * s.reshape(s_shape)).reshape(w.shape)
+    if s.shape[0] != w.shape[axis]:
+        raise ValueError(f"weight axis {axis} has {w.shape[axis]} channels, scale has {s.shape[0]}")
+    shape = [1] * w.ndim
+    shape[axis] = s.shape[0]
+    return w * s.reshape(shape)
+
+
+def fold_bias(bias: np.ndarray | None, affine: Affine) -> np.ndarray:
+    """``b * scale + shift`` in float64; a missing bias is zero."""
+    if bias is None:
+        return affine.shift.copy()
+    b = np.asarray(bias, dtype=np.float64).reshape(-1)
+    return b * affine.scale + affine.shift
+
+
+def cast_exact(
+    values: np.ndarray,
+    dtype: np.dtype,
+    *,
+    channel_axis: int | None = None,
+    original: np.ndarray | None = None,
+) -> tuple[np.ndarray | None, str]:
+    """Round float64 ``values`` once to ``dtype``.
+
+    Returns ``(array, "")`` or ``(None, why)`` when the result is not representable: a finite
+    value becomes inf, a value is NaN, or a channel that is non-zero in float64 (and was non-zero
+    in ``original``, if given) rounds to all zeros.
+    """
+    v64 = np.asarray(values, dtype=np.float64)
+    if np.isnan(v64).any() and not (
+        original is not None and np.isnan(np.asarray(original, np.float64)).any()
+    ):
+        return None, "the folded values contain NaN"
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        out = v64.astype(dtype)
+    out64 = out.astype(np.float64)
+    new_inf = np.isinf(out64) & np.isfinite(v64)
+    if new_inf.any():
+        worst = float(np.abs(v64[new_inf]).max())
+        return None, f"a folded value ({worst:.4g}) overflows {np.dtype(dtype).name}"
+    if channel_axis is not None and v64.ndim > 0 and v64.size:
+        axes = tuple(a for a in range(v64.ndim) if a != channel_axis)
+        nonzero64 = np.any(v64 != 0, axis=axes) if axes else v64 != 0
+        nonzero_out = np.any(out64 != 0, axis=axes) if axes else out64 != 0
+        flushed = nonzero64 & ~nonzero_out
+        if flushed.any():
+            ch = int(np.flatnonzero(flushed)[0])
+            return None, f"channel {ch} underflows to zero in {np.dtype(dtype).name}"
+    return out, ""
+
+
+def channel_vector(value: np.ndarray, channels: int) -> np.ndarray | None:
+    """A bias-like constant as a float64 ``(channels,)`` vector when it is constant per channel.
+
+    Accepts a scalar, ``(C,)``, ``(1, C)``, ``(1, 1)``... (anything that broadcasts along the
+    last axis of a rank-2 output without depending on the row). Returns None otherwise.
+    """
+    v = np.asarray(value, dtype=np.float64)
+    if v.ndim > 2:
+        return None
+    if v.ndim == 2:
+        if v.shape[0] != 1:
+            return None
+        v = v[0]
+    if v.ndim == 0 or v.shape[0] == 1:
+        return np.full((channels,), float(v.reshape(-1)[0]) if v.size else 0.0)
+    if v.shape[0] != channels:
+        return None
+    return v.copy()

@@ -1,0 +1,112 @@
+"""Safe folding: fold, verify with onnxruntime, revert the folds that diverge, verify again.
+
+Used by ``fold_onnx(..., verify=True)`` and by :func:`bnfold.pipeline.fold_path`. Because a
+fold keeps the BN's output name, the verifier compares the fold points of both models; a
+fold whose tensor diverges first (every shared tensor upstream of it matches) is reverted by
+folding again from the source with that BN excluded. When divergence cannot be attributed to
+a fold (e.g. it shows only at graph outputs, or inside a subgraph), every fold of that round
+is reverted. The result either passed verification or raises VerificationError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from .errors import VerificationError
+from .report import FoldReport, Skipped, SkipReason, VerifyReport, VerifyStatus
+
+MAX_ROUNDS = 4
+
+# make(exclude) -> (candidate for the verifier: ModelProto or path, its FoldReport, payload)
+Make = Callable[[frozenset[str]], tuple[Any, FoldReport, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Verified:
+    payload: Any
+    report: FoldReport
+    verification: VerifyReport
+
+
+def fold_verified(
+    make: Make,
+    reference: Any,
+    *,
+    exclude: frozenset[str] = frozenset(),
+    inputs: Any = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+    samples: int = 3,
+    atol: float | None = None,
+    rtol: float | None = None,
+    force: bool = False,
+) -> Verified:
+    """Run ``make`` until its candidate verifies against ``reference``; see module docstring.
+
+    With ``force=True`` a candidate that still fails after reverting is returned instead of
+    raising (its verification report says FAILED).
+    """
+    from .verify import verify
+
+    reverted: dict[str, str] = {}
+    last: tuple[Any, FoldReport, Any] | None = None
+    vr: VerifyReport | None = None
+    for _ in range(MAX_ROUNDS):
+        candidate, report, payload = make(exclude | frozenset(reverted))
+        last = (candidate, report, payload)
+        vr = verify(
+            reference, candidate, inputs=inputs, shapes=shapes, seed=seed, samples=samples, atol=atol, rtol=rtol
+        )
+        if vr.status is VerifyStatus.PASSED:
+            return Verified(payload, _mark_reverted(report, reverted), _with_suspects(vr, reverted))
+        if vr.status is VerifyStatus.NOT_RUN:
+            break
+        folded_outputs = [f.output for f in report.folded]
+        suspects = [n for n in vr.first_divergent if n in set(folded_outputs)]
+        if not suspects:
+            suspects = folded_outputs
+        if not suspects:
+            break  # nothing left to revert: the difference is not ours
+        worst = {d.name: d for d in vr.intermediates}
+        for name in suspects:
+            d = worst.get(name)
+            why = (
+                f"its output diverged under onnxruntime (max rel error {d.max_rel:.3g}, channel {d.worst_channel})"
+                if d is not None
+                else "the folded model's outputs diverged and this fold could not be cleared"
+            )
+            reverted[name] = why
+    assert last is not None and vr is not None
+    candidate, report, payload = last
+    final = _with_suspects(vr, reverted)
+    marked = _mark_reverted(report, reverted)
+    if force:
+        return Verified(payload, marked, final)
+    if vr.status is VerifyStatus.NOT_RUN:
+        msg = f"verification not run: {vr.message}"
+    else:
+        msg = f"verification failed: {vr.message or 'outputs differ'}"
+    raise VerificationError(msg, report=final, result=Verified(payload, marked, final))
+
+
+def _mark_reverted(report: FoldReport, reverted: Mapping[str, str]) -> FoldReport:
+    if not reverted:
+        return report
+    skipped = tuple(
+        dataclasses.replace(s, reason=SkipReason.VERIFICATION_FAILED, detail=reverted[s.output])
+        if s.reason is SkipReason.EXCLUDED and s.output in reverted
+        else s
+        for s in report.skipped
+    )
+    return FoldReport(folded=report.folded, skipped=skipped)
+
+
+def _with_suspects(vr: VerifyReport, reverted: Mapping[str, str]) -> VerifyReport:
+    suspects = tuple(dict.fromkeys([*vr.suspect_folds, *reverted]))
+    return dataclasses.replace(vr, suspect_folds=suspects)
+
+
+def reverted_skips(report: FoldReport) -> list[Skipped]:
+    return [s for s in report.skipped if s.reason is SkipReason.VERIFICATION_FAILED]
