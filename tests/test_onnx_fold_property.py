@@ -1,0 +1,131 @@
+"""Property-based test of the ONNX pass: random Conv/ConvTranspose/Gemm/MatMul + BN chains.
+
+For every generated graph: the folded model gives onnxruntime (ORT_DISABLE_ALL) outputs equal
+to the unfolded model's, the checker passes, every BN is accounted for, and nothing unsafe was
+folded (a producer with a second consumer, a MatMul on a rank-3 input).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from bnfold import SkipReason, count_bn, fold_onnx
+from conftest import run_ort
+
+EXAMPLES = int(os.environ.get("BNFOLD_HYPOTHESIS_EXAMPLES", "300"))
+
+
+@st.composite
+def layer_graphs(draw: st.DrawFn) -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, object]]:
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    kind = draw(st.sampled_from(["Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulAdd"]))
+    facts: dict[str, object] = {"kind": kind}
+    nodes, inits, outputs = [], [], []
+
+    def init(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(value.astype(np.float32), name))
+        return name
+
+    if kind in ("Conv", "ConvTranspose"):
+        rank = draw(st.integers(1, 3))
+        group = draw(st.sampled_from([1, 2, 3]))
+        cin = group * draw(st.integers(1, 3))
+        cout = group * draw(st.integers(1, 3))
+        k = tuple(draw(st.integers(1, 3)) for _ in range(rank))
+        strides = [draw(st.integers(1, 2)) for _ in range(rank)]
+        dil = [draw(st.integers(1, 2)) for _ in range(rank)]
+        pads = [draw(st.integers(0, 1)) for _ in range(2 * rank)]
+        spatial = [draw(st.integers(5, 7)) for _ in range(rank)]
+        x_shape = [draw(st.integers(1, 2)), cin, *spatial]
+        w_shape = (cout, cin // group, *k) if kind == "Conv" else (cin, cout // group, *k)
+        ins = ["x", init("W", rng.normal(0, 1, w_shape))]
+        if draw(st.booleans()):
+            ins.append(init("B", rng.normal(0, 1, cout)))
+        nodes.append(helper.make_node(kind, ins, ["y"], name="layer", group=group, strides=strides, dilations=dil, pads=pads))
+        channels = cout
+    else:
+        rows = draw(st.integers(1, 4))
+        k = draw(st.integers(1, 6))
+        n = draw(st.integers(1, 6))
+        rank3 = kind != "Gemm" and draw(st.booleans())
+        if rank3:  # (N, L, F) with L == F: BN's axis 1 is the sequence axis
+            n = k
+            x_shape = [rows, n, k]
+        else:
+            x_shape = [rows, k]
+        facts["rank3"] = rank3
+        if kind == "Gemm":
+            trans_b = draw(st.integers(0, 1))
+            c_shape = draw(st.sampled_from([None, (n,), (1, n), ()]))
+            ins = ["x", init("W", rng.normal(0, 1, (n, k) if trans_b else (k, n)))]
+            if c_shape is not None:
+                ins.append(init("C", rng.normal(0, 1, c_shape)))
+            alpha = draw(st.sampled_from([1.0, 0.5, -2.0]))
+            beta = draw(st.sampled_from([1.0, 0.25, 0.0]))
+            nodes.append(helper.make_node("Gemm", ins, ["y"], name="layer", transB=trans_b, alpha=alpha, beta=beta))
+        else:
+            out = "y" if kind == "MatMul" else "mm"
+            nodes.append(helper.make_node("MatMul", ["x", init("W", rng.normal(0, 1, (k, n)))], [out], name="layer"))
+            if kind == "MatMulAdd":
+                nodes.append(helper.make_node("Add", ["mm", init("C", rng.normal(0, 1, (n,)))], ["y"], name="add"))
+        channels = x_shape[1] if rank3 else n
+
+    tiny_var = draw(st.booleans())
+    big_gamma = draw(st.booleans())
+    gamma = rng.uniform(0.5, 1.5, channels) * rng.choice([-1, 1], channels) * (50.0 if big_gamma else 1.0)
+    var = rng.uniform(1e-4, 1e-3, channels) if tiny_var else rng.uniform(0.5, 2.0, channels)
+    stats = [gamma, rng.normal(0, 0.5, channels), rng.normal(0, 0.5, channels), var]
+    names = [init(f"bn_{i}", a) for i, a in enumerate(stats)]
+    eps = draw(st.sampled_from([1e-5, 1e-3]))
+    nodes.append(helper.make_node("BatchNormalization", ["y", *names], ["z"], name="bn", epsilon=eps))
+    outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [None] * len(x_shape)))
+
+    extra_consumer = draw(st.booleans()) and draw(st.booleans())
+    if extra_consumer:
+        nodes.append(helper.make_node("Neg", ["y"], ["side"], name="side"))
+        outputs.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, [None] * len(x_shape)))
+    shared_weight = kind in ("Conv", "Gemm", "MatMul") and not facts.get("rank3") and draw(st.booleans())
+    if shared_weight:  # a second node reads the same weight and must keep it unscaled
+        nodes.append(helper.make_node("Identity", ["W"], ["w_copy"], name="reader"))
+        outputs.append(helper.make_tensor_value_info("w_copy", TensorProto.FLOAT, [None] * len(inits[0].dims)))
+    facts.update(extra_consumer=extra_consumer, shared_weight=shared_weight)
+
+    graph = helper.make_graph(nodes, "prop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    feeds = {"x": rng.normal(0, 1, x_shape).astype(np.float32)}
+    return model, feeds, facts
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layer_graphs())
+def test_random_layer_bn_graphs_fold_exactly(case):
+    model, feeds, facts = case
+    onnx.checker.check_model(model, full_check=True)
+    ref = run_ort(model, feeds)
+    result = fold_onnx(model)
+    report = result.report
+    assert report.bn_total == 1
+
+    unsafe = facts["extra_consumer"] or facts.get("rank3")
+    if unsafe:
+        assert not report.folded, "an unsafe pattern was folded"
+        expected = SkipReason.PRODUCER_OUTPUT_SHARED if facts["extra_consumer"] else SkipReason.CHANNEL_AXIS_MISMATCH
+        assert report.skipped[0].reason is expected
+    else:
+        assert len(report.folded) == 1, report.skipped
+        assert count_bn(result.model) == 0
+
+    onnx.checker.check_model(result.model, full_check=True)
+    out = run_ort(result.model, feeds)
+    for r, o in zip(ref, out):
+        assert r.shape == o.shape
+        scale = max(float(np.abs(r).max()), 1e-6)
+        err = float(np.abs(r.astype(np.float64) - o).max()) / scale
+        assert err < 2e-5, f"{facts}: relative error {err:.3g}"
