@@ -642,6 +642,12 @@ def _try_fold(scope: _Scope, bn: onnx.NodeProto) -> Folded | Skipped:
             return skip(
                 SkipReason.EXTRA_OUTPUTS_USED, f"output {extra!r} (running/saved statistics) is consumed"
             )
+    if ctx.opset < 14 and any(bn.output[1:]):
+        return skip(
+            SkipReason.TRAINING_MODE,
+            f"opset {ctx.opset} BN declares {sum(1 for o in bn.output if o)} outputs, which is training mode: "
+            "onnxruntime normalizes with batch statistics even when they are unused",
+        )
     if ctx.opset <= 8 and int(_attr(bn, "spatial", 1)) != 1:
         return skip(SkipReason.SPATIAL_0, "spatial=0: statistics are per element, not per channel")
     if len(bn.input) < 5 or not bn.input[0]:

@@ -213,6 +213,15 @@ def test_extra_bn_outputs_consumed(rng):
     assert_skipped(g, SkipReason.EXTRA_OUTPUTS_USED)
 
 
+def test_opset9_bn_with_unused_statistics_outputs_is_training_mode(rng):
+    """Opset 9-13 BN with five outputs runs in training mode in onnxruntime (batch statistics)
+    even when the extra outputs are unused: folding it with the running statistics changes Y."""
+    g = conv_bn(rng)
+    g.opset = 9
+    g.nodes[1].output.extend(["rm", "rv", "sm", "sv"])
+    assert_skipped(g, SkipReason.TRAINING_MODE, fragment="training mode")
+
+
 def test_bn_on_graph_input_has_no_producer(rng):
     g = G(rng)
     g.input("x", [1, 3, 4, 4])
