@@ -89,6 +89,52 @@ def scale_weight(weight: np.ndarray, scale: np.ndarray, *, axis: int, groups: in
     return w * s.reshape(shape)
 
 
+def scale_weight_exact(
+    weight: np.ndarray, scale: np.ndarray, *, axis: int, groups: int = 1
+) -> tuple[np.ndarray | None, str]:
+    """``weight * scale`` computed in float64 and rounded once to ``weight.dtype``.
+
+    Same result as ``cast_exact(scale_weight(...), weight.dtype)``, but for numpy's own float
+    dtypes the float64 product is formed in small buffered chunks by the ufunc and never held
+    whole: one pass over the weight, no full-size float64 temporary. Returns ``(None, why)``
+    when a value overflows, turns NaN, or a non-zero output channel underflows to all zeros.
+    """
+    w = np.asarray(weight)
+    s = np.asarray(scale, dtype=np.float64).reshape(-1)
+    if w.dtype not in (np.float16, np.float32, np.float64):  # bfloat16 etc.: the two-step path
+        v = scale_weight(w, s, axis=axis, groups=groups)
+        return cast_exact(v, w.dtype, channel_axis=None if groups > 1 else axis, original=w)
+    if groups > 1:
+        c_in, c_out_g = w.shape[0], w.shape[1]
+        view = w.reshape((groups, c_in // groups, c_out_g, -1))
+        s_b = s.reshape(groups, 1, c_out_g, 1)
+        ch_axes: tuple[int, ...] = (1, 3)
+    else:
+        if s.shape[0] != w.shape[axis]:
+            raise ValueError(f"weight axis {axis} has {w.shape[axis]} channels, scale has {s.shape[0]}")
+        view = w
+        shape = [1] * w.ndim
+        shape[axis] = s.shape[0]
+        s_b = s.reshape(shape)
+        ch_axes = tuple(a for a in range(w.ndim) if a != axis)
+    out = np.empty(view.shape, dtype=w.dtype)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        np.multiply(view, s_b, out=out, dtype=np.float64, casting="unsafe")
+    if not np.isfinite(out).all():
+        if np.isnan(out).any() and not np.isnan(view).any():
+            return None, "the folded values contain NaN"
+        new_inf = np.isinf(out) & np.isfinite(view)
+        if new_inf.any():
+            return None, f"a folded value overflows {w.dtype.name}"
+    nz_out = np.any(out != 0, axis=ch_axes).reshape(-1) if ch_axes else (out != 0).reshape(-1)
+    if not nz_out.all():
+        nz_w = np.any(view != 0, axis=ch_axes).reshape(-1) if ch_axes else (view != 0).reshape(-1)
+        flushed = np.flatnonzero(nz_w & (s != 0) & ~nz_out)
+        if flushed.size:
+            return None, f"channel {int(flushed[0])} underflows to zero in {w.dtype.name}"
+    return out.reshape(w.shape), ""
+
+
 def fold_bias(bias: np.ndarray | None, affine: Affine) -> np.ndarray:
     """``b * scale + shift`` in float64; a missing bias is zero."""
     if bias is None:

@@ -749,6 +749,15 @@ def _cast(values: np.ndarray, like: np.ndarray, what: str, channel_axis: int | N
     return out
 
 
+def _scaled(
+    w: np.ndarray, aff: fold_math.Affine, what: str, *, axis: int, groups: int = 1
+) -> np.ndarray | _Reject:
+    out, why = fold_math.scale_weight_exact(w, aff.scale, axis=axis, groups=groups)
+    if out is None:
+        return _Reject(SkipReason.NOT_REPRESENTABLE, f"folding into {what}: {why}")
+    return out
+
+
 def _fold_conv(scope: _Scope, node: onnx.NodeProto, bn: onnx.NodeProto, aff: fold_math.Affine):
     """Conv: W (C_out, C_in/g, k...) scaled on axis 0 (any group), bias b*s + t."""
     transpose = node.op_type == "ConvTranspose"
@@ -770,32 +779,15 @@ def _fold_conv(scope: _Scope, node: onnx.NodeProto, bn: onnx.NodeProto, aff: fol
     if b is not None and (b.shape != (c_out,)):
         return _Reject(SkipReason.SHAPE_MISMATCH, f"bias has shape {b.shape}, expected ({c_out},)")
     w_axis = 1 if transpose else 0
-    w64 = fold_math.scale_weight(w, aff.scale, axis=w_axis, groups=group if transpose else 1)
-    w_new = _cast(w64, w, "the weight", None if transpose and group > 1 else w_axis)
+    w_new = _scaled(w, aff, "the weight", axis=w_axis, groups=group if transpose else 1)
     if isinstance(w_new, _Reject):
         return w_new
-    if transpose and group > 1:
-        flushed = _grouped_flush(w64, w_new, group)
-        if flushed is not None:
-            return _Reject(
-                SkipReason.NOT_REPRESENTABLE, f"folding into the weight: channel {flushed} underflows to zero"
-            )
     b_new = _cast(fold_math.fold_bias(b, aff), b if b is not None else w, "the bias", None)
     if isinstance(b_new, _Reject):
         return b_new
     names = _set_input(scope, node, 1, w_new, "weight")
     names += _set_input(scope, node, 2, b_new, "bias")
     return _Absorbed(names, node)
-
-
-def _grouped_flush(w64: np.ndarray, w_new: np.ndarray, group: int) -> int | None:
-    c_in, c_out_g = w64.shape[0], w64.shape[1]
-    a = w64.reshape((group, c_in // group, c_out_g, -1))
-    b = w_new.astype(np.float64).reshape((group, c_in // group, c_out_g, -1))
-    nz_a = np.any(a != 0, axis=(1, 3)).reshape(-1)
-    nz_b = np.any(b != 0, axis=(1, 3)).reshape(-1)
-    bad = np.flatnonzero(nz_a & ~nz_b)
-    return int(bad[0]) if bad.size else None
 
 
 def _fold_gemm(scope: _Scope, node: onnx.NodeProto, bn: onnx.NodeProto, aff: fold_math.Affine):
@@ -823,7 +815,7 @@ def _fold_gemm(scope: _Scope, node: onnx.NodeProto, bn: onnx.NodeProto, aff: fol
                 f"C has shape {c.shape}, which is not constant per output column",
             )
         c_vec = c_vec * float(np.float32(beta))
-    b_new = _cast(fold_math.scale_weight(b, aff.scale, axis=n_axis), b, "B", n_axis)
+    b_new = _scaled(b, aff, "B", axis=n_axis)
     if isinstance(b_new, _Reject):
         return b_new
     c_new = _cast(fold_math.fold_bias(c_vec, aff), b, "C", None)
@@ -848,7 +840,7 @@ def _fold_matmul(scope: _Scope, node: onnx.NodeProto, bn: onnx.NodeProto, aff: f
         return _Reject(
             SkipReason.SHAPE_MISMATCH, f"BN has {aff.channels} channels, MatMul outputs {b.shape[1]}"
         )
-    b_new = _cast(fold_math.scale_weight(b, aff.scale, axis=1), b, "B", 1)
+    b_new = _scaled(b, aff, "B", axis=1)
     if isinstance(b_new, _Reject):
         return b_new
     c_new = _cast(fold_math.fold_bias(None, aff), b, "the new bias", None)
@@ -922,7 +914,7 @@ def _fold_add(scope: _Scope, add: onnx.NodeProto, bn: onnx.NodeProto, aff: fold_
             SkipReason.BIAS_NOT_PER_CHANNEL,
             f"Add constant has shape {c.shape}, which is not constant per output column",
         )
-    b_new = _cast(fold_math.scale_weight(b, aff.scale, axis=1), b, "B", 1)
+    b_new = _scaled(b, aff, "B", axis=1)
     if isinstance(b_new, _Reject):
         return b_new
     c_like = c if c.dtype.kind == "f" or str(c.dtype) == "bfloat16" else b
@@ -1047,9 +1039,9 @@ def _remove_dead(ctx: _Model, scopes: list[_Scope]) -> None:
         }
         if not dead:
             continue
-        keep = [t for t in g.initializer if t.name not in dead]
-        del g.initializer[:]
-        g.initializer.extend(keep)
+        # delete in place: rebuilding the list would copy every tensor's bytes
+        for i in reversed([i for i, t in enumerate(g.initializer) if t.name in dead]):
+            del g.initializer[i]
         if ctx.ir_version <= 3:
             inputs = [v for v in g.input if v.name not in dead]
             del g.input[:]
