@@ -1,0 +1,51 @@
+"""Reference model zoo for bnfold's tests, docs and benchmarks.
+
+Seeded, deterministic models covering what deployed CNNs contain (see ``REGISTRY``), plus
+generated large models for scale. Importing this package builds nothing and does not import
+torch; builders import it when called.
+
+    >>> import models
+    >>> models.REGISTRY["densenet"].expected_unfoldable
+    7
+    >>> path = models.build_onnx("resnet-basic")        # cached under models/.cache/
+
+Command line: ``python -m models build [--large] [--out DIR] [NAMES...]``, ``python -m models demo``.
+"""
+
+from models.registry import (
+    CACHE_DIR,
+    DEMO_PATH,
+    REGISTRY,
+    ModelSpec,
+    ZooError,
+    build_onnx,
+    build_torch,
+    count_bn,
+    example_arrays,
+    example_inputs,
+    export_onnx,
+    get,
+    names,
+    onnx_path,
+    write_demo,
+    write_onnx,
+)
+
+__all__ = [
+    "CACHE_DIR",
+    "DEMO_PATH",
+    "REGISTRY",
+    "ModelSpec",
+    "ZooError",
+    "build_onnx",
+    "build_torch",
+    "count_bn",
+    "example_arrays",
+    "example_inputs",
+    "export_onnx",
+    "get",
+    "names",
+    "onnx_path",
+    "write_demo",
+    "write_onnx",
+]
