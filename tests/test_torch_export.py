@@ -1,0 +1,388 @@
+"""bnfold.torch_fold.export and bnfold.torch_io: fold, export, fold what is left in ONNX, verify.
+
+The saved model is checked independently here: onnxruntime at ORT_DISABLE_ALL on the example
+inputs against the *unfolded* module's torch outputs, within 1e-5 of the output's magnitude.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import onnx
+from torch import nn
+
+from bnfold.errors import InputError, MissingDependencyError, VerificationError
+from bnfold.onnx_fold import count_bn
+from bnfold.report import SkipReason
+from bnfold.torch_fold import export
+from tests.conftest import assert_close, run_ort
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(20261121)
+        yield
+
+
+def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
+    """gamma ~ ±U(0.5, 1.5), beta ~ N(0, .5), mean ~ N(0, .5), var ~ U(.5, 2) for every BN."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                sign = torch.where(torch.rand(c, generator=gen) < 0.2, -1.0, 1.0)
+                m.weight.copy_((torch.rand(c, generator=gen) + 0.5) * sign)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.5)
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+    return module.eval()
+
+
+class Net(nn.Module):
+    """Conv (no bias), depthwise conv, grouped ConvTranspose, Linear on (N, F): 4 BN, all foldable.
+    Both the feature map and the logits are outputs (the logits alone are dominated by the last
+    BN's shift and would hide a 1% weight error)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, groups=8),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+        )
+        self.fc = nn.Linear(8, 5)
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        y = self.features(x)
+        return y, self.bn(self.fc(y.mean((2, 3))))
+
+
+class DataDependent(nn.Module):
+    """torch.fx cannot trace the ``if``: ``bn`` is left by the module pass, the ONNX pass folds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.stem(x)
+        if y.sum() > 1e9:
+            return y
+        return self.bn(self.conv(y))
+
+
+class LinearOn3D(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+def check_saved(path: str, module: nn.Module, x: torch.Tensor, *, rtol: float = 1e-5) -> onnx.ModelProto:
+    """The saved model, run by onnxruntime, matches the unfolded module's torch output."""
+    model = onnx.load(path)
+    with torch.no_grad():
+        ref = module(x)
+    refs = [t.numpy() for t in (ref if isinstance(ref, tuple) else (ref,))]
+    assert_close(refs, run_ort(path, {model.graph.input[0].name: x.numpy()}), rtol=rtol)
+    return model
+
+
+def op_types(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def test_export_round_trip_is_folded_and_verified(tmp_path):
+    module = randomize(Net())
+    x = torch.randn(2, 3, 8, 8)
+    out = tmp_path / "net.onnx"
+    result = export(
+        module,
+        (x,),
+        out,
+        input_names=["image"],
+        output_names=["features", "logits"],
+        opset_version=17,
+        dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    assert result.path == str(out) and out.is_file()
+    assert [(f.bn, f.producer) for f in result.module_report.folded] == [
+        ("features.1", "features.0"),
+        ("features.4", "features.3"),
+        ("features.7", "features.6"),
+        ("bn", "fc"),
+    ]
+    assert not result.module_report.skipped and not result.onnx_report.skipped
+    assert result.verification is not None and result.verification.passed
+    tv = result.extra["torch_vs_onnx"]
+    assert tv["passed"] and all(tv["outputs"][k]["max_rel"] < 1e-5 for k in ("features", "logits"))
+    model = check_saved(str(out), module, x)
+    assert count_bn(model) == 0 and op_types(model).count("ConvTranspose") == 1
+    assert [i.name for i in model.graph.input] == ["image"] and [o.name for o in model.graph.output] == [
+        "features",
+        "logits",
+    ]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert any(o.domain in ("", "ai.onnx") and o.version == 17 for o in model.opset_import)
+    check_saved(str(out), module, torch.randn(5, 3, 8, 8))  # the dynamic batch axis works
+
+
+def test_export_with_dynamo_exporter(tmp_path):
+    module = randomize(Net())
+    x = torch.randn(2, 3, 8, 8)
+    result = export(module, (x,), tmp_path / "net.onnx", dynamo=True)
+    assert result.extra["exporter"] == "dynamo" and len(result.module_report.folded) == 4
+    assert result.verification.passed and result.extra["torch_vs_onnx"]["passed"]
+    assert count_bn(check_saved(result.path, module, x)) == 0
+
+
+def test_onnx_pass_folds_what_the_module_pass_could_not_trace(tmp_path):
+    module = randomize(DataDependent())
+    x = torch.randn(2, 3, 6, 6)
+    result = export(module, x, tmp_path / "dd.onnx")
+    assert [f.bn for f in result.module_report.folded] == ["stem.1"]
+    (s,) = result.module_report.skipped
+    assert s.bn == "bn" and s.reason is SkipReason.UNTRACEABLE
+    assert len(result.onnx_report.folded) == 1 and not result.onnx_report.skipped
+    assert result.verification.passed
+    assert count_bn(check_saved(result.path, module, x)) == 0
+
+
+def test_unfoldable_bn_stays_in_the_exported_model(tmp_path):
+    """Linear on (N, L, F) then BatchNorm1d: neither pass may fold it."""
+    module = randomize(LinearOn3D())
+    x = torch.randn(3, 6, 6)
+    result = export(module, x, tmp_path / "lin3.onnx")
+    assert [s.reason for s in result.module_report.skipped] == [SkipReason.CHANNEL_AXIS_MISMATCH]
+    assert [s.reason for s in result.onnx_report.skipped] == [SkipReason.CHANNEL_AXIS_MISMATCH]
+    assert result.verification.passed
+    assert count_bn(check_saved(result.path, module, x)) == 1
+
+
+def test_torchscript_module_is_folded_in_onnx(tmp_path):
+    module = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    scripted = torch.jit.script(module).train()
+    x = torch.randn(1, 3, 8, 8)
+    result = export(scripted, x, tmp_path / "ts.onnx")
+    assert scripted.training, "the caller's module is not changed"
+    assert result.module_report.bn_total == 0 and len(result.onnx_report.folded) == 1
+    assert result.verification.passed
+    assert count_bn(check_saved(result.path, module, x)) == 0
+
+
+def test_diverging_export_raises_and_writes_nothing_unless_forced(tmp_path, monkeypatch):
+    """A wrong fold in the ONNX pass (simulated: one weight scaled by 1.01) must be caught by
+    both checks; the file appears only with force=True."""
+    from bnfold import onnx_fold
+
+    real = onnx_fold.fold_onnx
+
+    def corrupt(model, **kw):
+        result = real(model, **kw)
+        init = result.model.graph.initializer[0]
+        arr = onnx.numpy_helper.to_array(init) * np.float32(1.01)
+        init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+        return result
+
+    monkeypatch.setattr(onnx_fold, "fold_onnx", corrupt)
+    module = randomize(Net())
+    x = torch.randn(2, 3, 8, 8)
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(VerificationError) as info:
+        export(module, x, out)
+    assert not out.exists()
+    assert info.value.report is not None and not info.value.report.passed
+    assert not info.value.result.extra["torch_vs_onnx"]["passed"]
+    result = export(module, x, out, force=True)
+    assert out.is_file() and not result.verification.passed
+
+
+def test_export_without_verification_still_folds(tmp_path):
+    result = export(randomize(Net()), torch.randn(2, 3, 8, 8), tmp_path / "nv.onnx", verify=False)
+    assert result.verification is None and "torch_vs_onnx" not in result.extra
+    assert count_bn(onnx.load(result.path)) == 0
+
+
+def test_export_rejects_missing_example_inputs(tmp_path):
+    with pytest.raises(InputError, match="example_inputs"):
+        export(Net(), None, tmp_path / "x.onnx")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- torch_io
+
+
+def test_require_torch_says_how_to_install(monkeypatch):
+    from bnfold import torch_io
+
+    assert torch_io.require_torch() is torch
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    with pytest.raises(MissingDependencyError) as info:
+        torch_io.require_torch()
+    assert str(info.value) == (
+        "install the torch extra: pip install 'bnfold[torch]' (see README: Choosing your torch)"
+    )
+
+
+def test_load_pt2_archive_gives_module_and_example_inputs(tmp_path):
+    from bnfold.torch_io import load_torch_artifact
+
+    module = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    x = torch.randn(1, 3, 8, 8)
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(module, (x,)), path)
+    loaded, example = load_torch_artifact(path)
+    assert len(example) == 1 and torch.equal(example[0], x)
+    result = export(loaded, example, tmp_path / "m.onnx")
+    assert len(result.onnx_report.folded) == 1 and result.verification.passed
+    assert count_bn(check_saved(result.path, module, x)) == 0
+
+
+def test_load_torchscript_archive(tmp_path):
+    from bnfold.torch_io import load_torch_artifact
+
+    module = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(module), str(path))
+    loaded, example = load_torch_artifact(path)
+    assert isinstance(loaded, torch.jit.ScriptModule) and example is None
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), module(x))
+
+
+class _Evil:
+    """Unpickling this would create a file: proof that bnfold does not unpickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda p: torch.save({"w": torch.ones(2)}, p), "not TorchScript"),
+        (lambda p: torch.save(_Evil(p.with_name("pwned")), p), "never unpickles"),
+        (
+            lambda p: torch.save({"w": torch.ones(2)}, p, _use_new_zipfile_serialization=False),
+            "legacy pickle",
+        ),
+        (lambda p: p.write_bytes(b""), "empty file"),
+        (lambda p: p.mkdir(), "directory"),
+        (lambda p: None, "no such file"),
+    ],
+    ids=["state-dict", "pickled-object", "legacy-pickle", "empty", "directory", "missing"],
+)
+def test_load_torch_artifact_refuses_what_it_cannot_load_safely(tmp_path, make, words):
+    from bnfold.torch_io import load_torch_artifact
+
+    path = tmp_path / "model.pt"
+    make(path)
+    with pytest.raises(InputError, match=words) as info:
+        load_torch_artifact(path)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "pwned").exists()
+
+
+FACTORY_SOURCE = """
+import torch
+from torch import nn
+
+def build():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+def not_a_module():
+    return 42
+
+class Holder:
+    @staticmethod
+    def make():
+        return build()
+"""
+
+
+@pytest.fixture
+def factory_dir(tmp_path, monkeypatch):
+    """A package on the current directory, as the CLI user would have it."""
+    name = f"userzoo_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text(FACTORY_SOURCE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_load_factory_builds_and_loads_weights(tmp_path, factory_dir):
+    from bnfold.torch_io import load_factory
+
+    ref = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, tmp_path / "w.pt")
+    module = load_factory(f"{factory_dir}:build", str(tmp_path / "w.pt"))
+    assert not module.training
+    for k, v in ref.state_dict().items():
+        assert torch.equal(module.state_dict()[k], v), k
+    assert isinstance(load_factory(f"{factory_dir}:Holder.make", None), nn.Sequential)
+
+
+@pytest.mark.parametrize(
+    ("spec", "weights", "words"),
+    [
+        ("no_colon", None, "expected 'package.module:callable'"),
+        ("nosuchpackage_xyz:build", None, "cannot import"),
+        ("{pkg}:missing", None, "has no attribute"),
+        ("{pkg}:not_a_module", None, "not a torch.nn.Module"),
+        ("{pkg}:build", "wrong-keys", "does not fit"),
+        ("{pkg}:build", "wrong-shape", "does not fit"),
+        ("{pkg}:build", "pickled-object", "weights_only=True"),
+        ("{pkg}:build", "missing", "no such file"),
+    ],
+    ids=[
+        "bad-spec",
+        "no-module",
+        "no-attribute",
+        "not-a-module",
+        "wrong-keys",
+        "wrong-shape",
+        "pickled-object",
+        "missing-weights",
+    ],
+)
+def test_load_factory_errors_are_one_line(tmp_path, factory_dir, spec, weights, words):
+    from bnfold.torch_io import load_factory
+
+    w = None
+    if weights is not None:
+        w = tmp_path / "w.pt"
+        good = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).state_dict()
+        if weights == "wrong-keys":
+            torch.save({"conv.weight": torch.ones(1)}, w)
+        elif weights == "wrong-shape":
+            torch.save({**good, "0.weight": torch.ones(4, 3, 5, 5)}, w)
+        elif weights == "pickled-object":
+            torch.save(_Evil(tmp_path / "pwned"), w)
+    with pytest.raises(InputError, match=words) as info:
+        load_factory(spec.format(pkg=factory_dir), None if w is None else str(w))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "pwned").exists()
