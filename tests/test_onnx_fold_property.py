@@ -19,6 +19,8 @@ from bnfold import SkipReason, count_bn, fold_onnx
 from conftest import run_ort
 
 EXAMPLES = int(os.environ.get("BNFOLD_HYPOTHESIS_EXAMPLES", "300"))
+# Deterministic in CI (STYLE: no unseeded randomness); BNFOLD_HYPOTHESIS_EXPLORE=1 explores anew.
+DERANDOMIZE = os.environ.get("BNFOLD_HYPOTHESIS_EXPLORE", "") != "1"
 
 
 @st.composite
@@ -103,7 +105,9 @@ def layer_graphs(draw: st.DrawFn) -> tuple[onnx.ModelProto, dict[str, np.ndarray
     return model, feeds, facts
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=EXAMPLES, deadline=None, derandomize=DERANDOMIZE, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(layer_graphs())
 def test_random_layer_bn_graphs_fold_exactly(case):
     model, feeds, facts = case
@@ -124,8 +128,27 @@ def test_random_layer_bn_graphs_fold_exactly(case):
 
     onnx.checker.check_model(result.model, full_check=True)
     out = run_ort(result.model, feeds)
+    # The folded layer computes s*y + t; when y is close to BN's mean and s is large, float32
+    # evaluation cancels two large terms that the reference subtracts before scaling. Errors
+    # are therefore measured against the magnitude of those terms, not only of the output.
+    terms = _summand_magnitude(model, feeds)
     for r, o in zip(ref, out):
         assert r.shape == o.shape
-        scale = max(float(np.abs(r).max()), 1e-6)
+        scale = max(float(np.abs(r).max()), terms, 1e-6)
         err = float(np.abs(r.astype(np.float64) - o).max()) / scale
         assert err < 2e-5, f"{facts}: relative error {err:.3g}"
+
+
+def _summand_magnitude(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+    """max|s| * max|y| + max|t| for the BN in ``model`` (y = the layer output it normalizes)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
+    y = run_ort(probe, feeds)[-1]
+    values = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    gamma, beta, mean, var = (values[n] for n in bn.input[1:5])
+    eps = next(a.f for a in bn.attribute if a.name == "epsilon")
+    s = gamma / np.sqrt(var + eps)
+    t = beta - mean * s
+    return float(np.abs(s).max() * np.abs(y).max() + np.abs(t).max())
