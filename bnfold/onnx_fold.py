@@ -440,7 +440,7 @@ class _Scope:
         tensor = numpy_helper.from_array(value, name)
         if self.graph is not None:
             self.graph.initializer.append(tensor)
-            self.initializers[name] = tensor
+            self.initializers[name] = self.graph.initializer[-1]  # append() stored a copy
             if self.ctx.ir_version <= 3 and self.parent is None:
                 self.graph.input.append(
                     helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims))
