@@ -171,6 +171,9 @@ class VerifyReport:
     status: VerifyStatus
     outputs: tuple[TensorDiff, ...] = ()
     intermediates: tuple[TensorDiff, ...] = ()
+    weights: tuple[TensorDiff, ...] = ()
+    """Fold points checked statically (kind ``weights``): the candidate's stored weights against
+    the reference's BN folded in float64, per element, in ulps (see bnfold.verify_weights)."""
     inputs: tuple[InputSpec, ...] = ()
     samples: int = 0
     seed: int | None = None
@@ -179,7 +182,8 @@ class VerifyReport:
     compared_on: str = "outputs+intermediates"
     """``outputs+intermediates`` when the models share tensor names, else ``outputs``."""
     first_divergent: tuple[str, ...] = ()
-    """Shared tensors that diverge while every tensor upstream of them matches."""
+    """Shared tensors that diverge while every tensor upstream of them matches, and fold points
+    whose weights check failed, in graph order."""
     suspect_folds: tuple[str, ...] = ()
     """BN output names (fold points) whose tensors diverged first (filled when a FoldReport is known)."""
     message: str = ""

@@ -2,8 +2,9 @@
 
 Used by ``fold_onnx(..., verify=True)`` and by :func:`bnfold.pipeline.fold_path`. Because a
 fold keeps the BN's output name, the verifier compares the fold points of both models; a
-fold whose tensor diverges first (every shared tensor upstream of it matches) is reverted by
-folding again from the source with that BN excluded. When divergence cannot be attributed to
+fold whose tensor diverges first (every shared tensor upstream of it matches), or whose
+stored weights differ from the BN folded exactly (:mod:`bnfold.verify_weights`), is reverted
+by folding again from the source with that BN excluded. When divergence cannot be attributed to
 a fold (e.g. it shows only at graph outputs, or inside a subgraph), every fold of that round
 is reverted. The result either passed verification or raises VerificationError.
 """
@@ -57,7 +58,14 @@ def fold_verified(
         candidate, report, payload = make(exclude | frozenset(reverted))
         last = (candidate, report, payload)
         vr = verify(
-            reference, candidate, inputs=inputs, shapes=shapes, seed=seed, samples=samples, atol=atol, rtol=rtol
+            reference,
+            candidate,
+            inputs=inputs,
+            shapes=shapes,
+            seed=seed,
+            samples=samples,
+            atol=atol,
+            rtol=rtol,
         )
         if vr.status is VerifyStatus.PASSED:
             return Verified(payload, _mark_reverted(report, reverted), _with_suspects(vr, reverted))
@@ -69,15 +77,8 @@ def fold_verified(
             suspects = folded_outputs
         if not suspects:
             break  # nothing left to revert: the difference is not ours
-        worst = {d.name: d for d in vr.intermediates}
         for name in suspects:
-            d = worst.get(name)
-            why = (
-                f"its output diverged under onnxruntime (max rel error {d.max_rel:.3g}, channel {d.worst_channel})"
-                if d is not None
-                else "the folded model's outputs diverged and this fold could not be cleared"
-            )
-            reverted[name] = why
+            reverted[name] = _why(vr, name)
     assert last is not None and vr is not None
     candidate, report, payload = last
     final = _with_suspects(vr, reverted)
@@ -89,6 +90,25 @@ def fold_verified(
     else:
         msg = f"verification failed: {vr.message or 'outputs differ'}"
     raise VerificationError(msg, report=final, result=Verified(payload, marked, final))
+
+
+def _why(vr: VerifyReport, name: str) -> str:
+    """The sentence for a reverted fold: what failed at its tensor, or that it was not cleared.
+
+    Only failing comparisons are quoted: a fold reverted because the divergence could not be
+    attributed may have a tensor that matched.
+    """
+    parts = [
+        f"its output diverged under onnxruntime (max rel error {d.max_rel:.3g}, channel {d.worst_channel})"
+        for d in vr.intermediates
+        if d.name == name and not d.passed
+    ] + [
+        f"its folded weights differ from the BN folded exactly (max rel error {d.max_rel:.3g}, "
+        f"channel {d.worst_channel})"
+        for d in vr.weights
+        if d.name == name and not d.passed
+    ]
+    return "; ".join(parts) or "the folded model's outputs diverged and this fold could not be cleared"
 
 
 def _mark_reverted(report: FoldReport, reverted: Mapping[str, str]) -> FoldReport:
