@@ -239,15 +239,18 @@ def _all_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
 def model_stats(model: onnx.ModelProto, path: str | os.PathLike[str]) -> ModelStats:
     """Node and BatchNormalization counts of ``model``, and the bytes ``path`` takes on disk.
 
-    ``model`` is ``path`` loaded without its external data (``load_external_data=False``), so
-    the external-data references are still there to be measured.
+    ``model`` is ``path`` loaded lazily or without its external data, so the external-data
+    references are still there to be measured; lazy stubs point into ``path`` itself and are
+    not counted twice.
     """
+    from bnfold.io import is_lazy
+
     nodes = list(_all_nodes(model))
     base = os.path.dirname(os.fspath(path))
     external: list[str] = []
     for g in _graphs(model.graph):
         for t in g.initializer:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
+            if t.data_location == onnx.TensorProto.EXTERNAL and not is_lazy(t):
                 location = next((e.value for e in t.external_data if e.key == "location"), None)
                 if location and location not in external:
                     external.append(location)
@@ -265,10 +268,10 @@ def model_stats(model: onnx.ModelProto, path: str | os.PathLike[str]) -> ModelSt
 
 
 def stats_for_path(path: str | os.PathLike[str]) -> ModelStats:
-    """:func:`model_stats` of the file at ``path`` (loads the graph, not the external data)."""
+    """:func:`model_stats` of the file at ``path`` (a lazy load: no tensor data is read)."""
     from bnfold.io import load_model
 
-    return model_stats(load_model(path, load_external_data=False), path)
+    return model_stats(load_model(path, lazy=True), path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,7 +309,7 @@ def _check_model(path: str, options: CheckOptions, start: float) -> ModelCheck:
     from bnfold.io import load_model
     from bnfold.onnx_fold import analyze_onnx
 
-    model = load_model(path, load_external_data=False)
+    model = load_model(path, lazy=True)
     stats = model_stats(model, path)
     report = analyze_onnx(model, base_dir=os.path.dirname(os.path.abspath(path)))
     findings: list[str] = []

@@ -343,6 +343,8 @@ class _Scope:
     producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
     const_cache: dict[str, np.ndarray] = field(default_factory=dict)
     const_nodes: set[str] = field(default_factory=set)  # keys of nodes read as constants
+    doomed: set[tuple[str, str]] = field(default_factory=set)  # nodes to delete at the end of a pass
+    stale_names: set[str] = field(default_factory=set)  # value_info to drop at the end of a pass
 
     @classmethod
     def of_graph(cls, ctx: _Model, g: onnx.GraphProto, label: str, parent: _Scope | None) -> _Scope:
@@ -591,6 +593,7 @@ def _fold_scope(scope: _Scope) -> tuple[list[Folded], list[Skipped]]:
                 log.debug("folded %s into %s", outcome.bn, outcome.producer)
             else:
                 skipped.append(outcome)
+        _flush(scope)
         if not progress:
             return folded, skipped
 
@@ -987,13 +990,31 @@ def _rewire(scope: _Scope, *, producer: onnx.NodeProto, old_out: str, bn: onnx.N
     for i in bn.input:
         if i:
             ctx.uses[i] -= 1
-    del scope.nodes[_index_of(scope.nodes, bn)]
+    scope.doomed.add(_node_id(bn))
     scope.producer.pop(old_out, None)
     scope.producer[new_out] = producer
     for extra in bn.output[1:]:
         scope.producer.pop(extra, None)
-    if scope.graph is not None:
-        _drop_value_info(scope.graph, {old_out, *[e for e in bn.output[1:] if e]})
+    scope.stale_names.update({old_out, *[e for e in bn.output[1:] if e]})
+
+
+def _node_id(node: onnx.NodeProto) -> tuple[str, str]:
+    return (node.op_type, node.output[0] if node.output else "")
+
+
+def _flush(scope: _Scope) -> None:
+    """Delete the nodes and value_info marked dead, in one pass over each list.
+
+    Deleting one node at a time means a linear search per fold: quadratic on models with
+    thousands of folds.
+    """
+    if scope.doomed:
+        for i in reversed([i for i, n in enumerate(scope.nodes) if _node_id(n) in scope.doomed]):
+            del scope.nodes[i]
+        scope.doomed.clear()
+    if scope.stale_names and scope.graph is not None:
+        _drop_value_info(scope.graph, scope.stale_names)
+    scope.stale_names.clear()
 
 
 def _drop_value_info(g: onnx.GraphProto, names: set[str]) -> None:
@@ -1019,12 +1040,12 @@ def _remove_dead(ctx: _Model, scopes: list[_Scope]) -> None:
                 for i in n.input:
                     if i:
                         ctx.uses[i] -= 1
-                del scope.nodes[_index_of(scope.nodes, n)]
+                scope.doomed.add(_node_id(n))
                 for o in n.output:
                     scope.producer.pop(o, None)
-                if scope.graph is not None:
-                    _drop_value_info(scope.graph, set(n.output))
+                scope.stale_names.update(n.output)
                 changed = True
+            _flush(scope)
     for scope in scopes:
         g = scope.graph
         if g is None:
