@@ -28,7 +28,9 @@ class G:
     feeds: dict[str, np.ndarray] = field(default_factory=dict)
 
     def input(self, name: str, shape: Sequence[int], dtype: type = np.float32) -> str:
-        self.inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
+        self.inputs.append(
+            helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape)
+        )
         self.feeds[name] = self.rng.normal(0, 1, shape).astype(dtype)
         return name
 
@@ -44,12 +46,17 @@ class G:
     def bn(
         self, x: str, c: int, out: str, *, prefix: str = "bn", dtype: type = np.float32, **attrs: object
     ) -> onnx.NodeProto:
-        names = [self.init(f"{prefix}_{k}", v) for k, v in zip(("scale", "bias", "mean", "var"), bn_stats(self.rng, c, dtype))]
+        names = [
+            self.init(f"{prefix}_{k}", v)
+            for k, v in zip(("scale", "bias", "mean", "var"), bn_stats(self.rng, c, dtype))
+        ]
         n = helper.make_node("BatchNormalization", [x, *names], [out], name=prefix, **attrs)
         self.nodes.append(n)
         return n
 
-    def output(self, name: str, dtype: int = TensorProto.FLOAT, shape: Sequence[int | None] | None = None) -> None:
+    def output(
+        self, name: str, dtype: int = TensorProto.FLOAT, shape: Sequence[int | None] | None = None
+    ) -> None:
         self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
 
     def model(self) -> onnx.ModelProto:

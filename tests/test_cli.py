@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import run_ort
 from onnx import helper
 from test_check import conv_bn_model, save
 from typer.testing import CliRunner
@@ -30,6 +29,7 @@ from bnfold.report import (
     VerifyReport,
     VerifyStatus,
 )
+from conftest import run_ort
 
 runner = CliRunner()
 
@@ -116,7 +116,7 @@ DIFF_KEYS = {
 
 
 def assert_fold_schema(doc: dict) -> None:
-    """The fold document as docs/cli.md describes it: bnfold's own keys exactly; the report
+    """The fold document as the README describes it: bnfold's own keys exactly; the report
     objects (bnfold.report) at least the documented keys, since new keys may appear."""
     assert set(doc) == FOLD_KEYS
     assert (doc["schema_version"], doc["command"]) == (1, "fold")

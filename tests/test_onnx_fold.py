@@ -61,7 +61,9 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize(
-    ("op", "rank", "group", "bias"), CONV_CASES, ids=[f"{o}-{r}d-g{g}-{'b' if b else 'nob'}" for o, r, g, b in CONV_CASES]
+    ("op", "rank", "group", "bias"),
+    CONV_CASES,
+    ids=[f"{o}-{r}d-g{g}-{'b' if b else 'nob'}" for o, r, g, b in CONV_CASES],
 )
 def test_conv_bn_folds(rng, op, rank, group, bias):
     cout = 4 if group == 4 else 6
@@ -95,7 +97,12 @@ def test_bn15_mixed_dtypes_keep_the_producer_dtype(rng):
     g.input("x", [1, 3, 5, 5], np.float16)
     g.node("Conv", ["x", g.init("W", rng.normal(0, 1, (4, 3, 3, 3)).astype(np.float16))], ["y"])
     gamma, beta, mean, var = bn_stats(rng, 4)
-    names = [g.init("s", gamma.astype(np.float16)), g.init("b", beta.astype(np.float16)), g.init("m", mean), g.init("v", var)]
+    names = [
+        g.init("s", gamma.astype(np.float16)),
+        g.init("b", beta.astype(np.float16)),
+        g.init("m", mean),
+        g.init("v", var),
+    ]
     g.nodes.append(helper.make_node("BatchNormalization", ["y", *names], ["z"], name="bn"))
     g.output("z", TensorProto.FLOAT16, [1, 4, 3, 3])
     out = check_folded(g, rtol=2e-3)
@@ -133,7 +140,15 @@ def test_gemm_bn_folds(rng, trans_b, alpha, beta, c):
 def test_gemm_with_full_c_is_skipped(rng):
     g = G(rng)
     g.input("x", [3, 5])
-    g.node("Gemm", ["x", g.init("B", rng.normal(0, 1, (5, 7)).astype(np.float32)), g.init("C", rng.normal(0, 1, (3, 7)).astype(np.float32))], ["y"])
+    g.node(
+        "Gemm",
+        [
+            "x",
+            g.init("B", rng.normal(0, 1, (5, 7)).astype(np.float32)),
+            g.init("C", rng.normal(0, 1, (3, 7)).astype(np.float32)),
+        ],
+        ["y"],
+    )
     g.bn("y", 7, "z")
     g.output("z", shape=[3, 7])
     assert_skipped(g, SkipReason.BIAS_NOT_PER_CHANNEL, fragment="(3, 7)")
@@ -176,7 +191,11 @@ def test_matmul_add_on_sequence_axis_is_not_folded(rng):
 
 
 def test_matmul_with_unknown_rank_is_not_folded(rng):
-    assert_skipped(matmul_bn(rng, a_shape=[4, 6], declare_rank=False), SkipReason.CHANNEL_AXIS_MISMATCH, fragment="unknown")
+    assert_skipped(
+        matmul_bn(rng, a_shape=[4, 6], declare_rank=False),
+        SkipReason.CHANNEL_AXIS_MISMATCH,
+        fragment="unknown",
+    )
 
 
 # --------------------------------------------------------------------------- skip reasons
@@ -359,8 +378,17 @@ def test_new_bias_name_collides_with_nothing(rng):
 def test_two_folds_sharing_bn_parameters(rng):
     """Two Conv->BN pairs whose BNs share parameter initializers both fold, each correctly."""
     g = conv_bn(rng)
-    g.node("Conv", ["x", g.init("W2", rng.normal(0, 1, (6, 4, 3, 3)).astype(np.float32))], ["y2"], pads=[1, 1, 1, 1])
-    g.nodes.append(helper.make_node("BatchNormalization", ["y2", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["z2"], name="bn2"))
+    g.node(
+        "Conv",
+        ["x", g.init("W2", rng.normal(0, 1, (6, 4, 3, 3)).astype(np.float32))],
+        ["y2"],
+        pads=[1, 1, 1, 1],
+    )
+    g.nodes.append(
+        helper.make_node(
+            "BatchNormalization", ["y2", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["z2"], name="bn2"
+        )
+    )
     g.output("z2", shape=[None] * 4)
     out = check_folded(g, n_folded=2)
     assert not any(t.name.startswith("bn_") for t in out.graph.initializer), "dead BN parameters removed"
@@ -369,7 +397,15 @@ def test_two_folds_sharing_bn_parameters(rng):
 def test_conv_bn_bn_chain_folds_to_fixed_point(rng):
     g = conv_bn(rng)
     g.nodes[2].input[0] = "z2"
-    g.nodes.insert(2, helper.make_node("BatchNormalization", ["z", *[g.init(f"bn2_{i}", a) for i, a in enumerate(bn_stats(rng, 6))]], ["z2"], name="bn2"))
+    g.nodes.insert(
+        2,
+        helper.make_node(
+            "BatchNormalization",
+            ["z", *[g.init(f"bn2_{i}", a) for i, a in enumerate(bn_stats(rng, 6))]],
+            ["z2"],
+            name="bn2",
+        ),
+    )
     out = check_folded(g, n_folded=2)
     assert ops(out) == ["Conv", "Relu"]
 
@@ -390,7 +426,16 @@ def test_weights_from_constant_nodes_are_constant(rng, source):
     else:
         shape = numpy_helper.from_array(np.array([6, 4, 3, 3], np.int64), "shape")
         g.nodes.insert(0, helper.make_node("Constant", [], ["Wshape"], value=shape, name="cS"))
-        g.nodes.insert(1, helper.make_node("ConstantOfShape", ["Wshape"], ["Wones"], value=numpy_helper.from_array(np.array([0.25], np.float32)), name="cos"))
+        g.nodes.insert(
+            1,
+            helper.make_node(
+                "ConstantOfShape",
+                ["Wshape"],
+                ["Wones"],
+                value=numpy_helper.from_array(np.array([0.25], np.float32)),
+                name="cos",
+            ),
+        )
         g.init("Wmul", rng.normal(0, 1, (6, 1, 1, 1)).astype(np.float32))
         g.nodes.insert(2, helper.make_node("Mul", ["Wones", "Wmul"], ["W"], name="mulW"))
     out = check_folded(g)
@@ -410,7 +455,9 @@ def test_ir3_new_initializers_are_declared_as_inputs(rng):
     out = result.model
     inits = {t.name for t in out.graph.initializer}
     assert inits <= {v.name for v in out.graph.input}
-    assert not any(v.name.startswith("bn_") for v in out.graph.input), "dead initializers leave graph.input too"
+    assert not any(v.name.startswith("bn_") for v in out.graph.input), (
+        "dead initializers leave graph.input too"
+    )
     onnx.checker.check_model(out, full_check=True)
     feeds = {"x": g.feeds["x"]}
     assert_close(run_ort(model, feeds), run_ort(out, feeds))
@@ -444,15 +491,23 @@ def test_analyze_changes_nothing(rng):
 def test_conv_bn_inside_if_branches_with_outer_scope_weights(rng):
     """Conv+BN in both branches of an If, reading W and the BN parameters from the outer graph."""
     g = conv_bn(rng)
-    conv, bn, relu = g.nodes
+    conv, bn, _relu = g.nodes
     g.input("cond", [], np.bool_)
     branches = []
     for name in ("then", "else"):
         c = helper.make_node("Conv", list(conv.input), [f"y_{name}"], name=f"conv_{name}", pads=[1, 1, 1, 1])
-        b = helper.make_node("BatchNormalization", [f"y_{name}", *bn.input[1:]], [f"z_{name}"], name=f"bn_{name}", epsilon=1e-3)
+        b = helper.make_node(
+            "BatchNormalization", [f"y_{name}", *bn.input[1:]], [f"z_{name}"], name=f"bn_{name}", epsilon=1e-3
+        )
         r = helper.make_node("Relu" if name == "then" else "Sigmoid", [f"z_{name}"], [f"o_{name}"])
-        branches.append(helper.make_graph([c, b, r], name, [], [helper.make_tensor_value_info(f"o_{name}", TensorProto.FLOAT, None)]))
-    g.nodes = [helper.make_node("If", ["cond"], ["out"], then_branch=branches[0], else_branch=branches[1], name="if")]
+        branches.append(
+            helper.make_graph(
+                [c, b, r], name, [], [helper.make_tensor_value_info(f"o_{name}", TensorProto.FLOAT, None)]
+            )
+        )
+    g.nodes = [
+        helper.make_node("If", ["cond"], ["out"], then_branch=branches[0], else_branch=branches[1], name="if")
+    ]
     g.feeds["cond"] = np.array(True)
     model = g.model()
     result = fold_onnx(model)
@@ -487,7 +542,12 @@ def test_conv_bn_inside_a_model_local_function(rng):
     # with the weight as a Constant inside the function, it folds
     fn2 = model.functions[0]
     del fn2.input[1:]
-    fn2.node.insert(0, helper.make_node("Constant", [], ["Wt"], value=numpy_helper.from_array(numpy_helper.to_array(g.inits[0]), "Wt")))
+    fn2.node.insert(
+        0,
+        helper.make_node(
+            "Constant", [], ["Wt"], value=numpy_helper.from_array(numpy_helper.to_array(g.inits[0]), "Wt")
+        ),
+    )
     model.graph.node[0].input.pop()
     result = fold_onnx(model)
     assert len(result.report.folded) == 1 and result.report.folded[0].graph == "function:local.ConvBN"
@@ -501,6 +561,14 @@ def test_second_fold_into_a_bias_the_first_fold_created_is_kept(rng):
     handle and wrote the second fold into nothing (max abs error 2.4)."""
     g = conv_bn(rng, bias=False)
     g.nodes[2].input[0] = "z2"
-    g.nodes.insert(2, helper.make_node("BatchNormalization", ["z", *[g.init(f"bn2_{i}", a) for i, a in enumerate(bn_stats(rng, 6))]], ["z2"], name="bn2"))
+    g.nodes.insert(
+        2,
+        helper.make_node(
+            "BatchNormalization",
+            ["z", *[g.init(f"bn2_{i}", a) for i, a in enumerate(bn_stats(rng, 6))]],
+            ["z2"],
+            name="bn2",
+        ),
+    )
     out = check_folded(g, n_folded=2)
     assert ops(out) == ["Conv", "Relu"]

@@ -50,7 +50,11 @@ def layer_graphs(draw: st.DrawFn) -> tuple[onnx.ModelProto, dict[str, np.ndarray
         ins = ["x", init("W", rng.normal(0, 1, w_shape))]
         if draw(st.booleans()):
             ins.append(init("B", rng.normal(0, 1, cout)))
-        nodes.append(helper.make_node(kind, ins, ["y"], name="layer", group=group, strides=strides, dilations=dil, pads=pads))
+        nodes.append(
+            helper.make_node(
+                kind, ins, ["y"], name="layer", group=group, strides=strides, dilations=dil, pads=pads
+            )
+        )
         channels = cout
     else:
         rows = draw(st.integers(1, 4))
@@ -71,12 +75,18 @@ def layer_graphs(draw: st.DrawFn) -> tuple[onnx.ModelProto, dict[str, np.ndarray
                 ins.append(init("C", rng.normal(0, 1, c_shape)))
             alpha = draw(st.sampled_from([1.0, 0.5, -2.0]))
             beta = draw(st.sampled_from([1.0, 0.25, 0.0]))
-            nodes.append(helper.make_node("Gemm", ins, ["y"], name="layer", transB=trans_b, alpha=alpha, beta=beta))
+            nodes.append(
+                helper.make_node("Gemm", ins, ["y"], name="layer", transB=trans_b, alpha=alpha, beta=beta)
+            )
         else:
             out = "y" if kind == "MatMul" else "mm"
-            nodes.append(helper.make_node("MatMul", ["x", init("W", rng.normal(0, 1, (k, n)))], [out], name="layer"))
+            nodes.append(
+                helper.make_node("MatMul", ["x", init("W", rng.normal(0, 1, (k, n)))], [out], name="layer")
+            )
             if kind == "MatMulAdd":
-                nodes.append(helper.make_node("Add", ["mm", init("C", rng.normal(0, 1, (n,)))], ["y"], name="add"))
+                nodes.append(
+                    helper.make_node("Add", ["mm", init("C", rng.normal(0, 1, (n,)))], ["y"], name="add")
+                )
         channels = x_shape[1] if rank3 else n
 
     tiny_var = draw(st.booleans())
@@ -96,17 +106,24 @@ def layer_graphs(draw: st.DrawFn) -> tuple[onnx.ModelProto, dict[str, np.ndarray
     shared_weight = kind in ("Conv", "Gemm", "MatMul") and not facts.get("rank3") and draw(st.booleans())
     if shared_weight:  # a second node reads the same weight and must keep it unscaled
         nodes.append(helper.make_node("Identity", ["W"], ["w_copy"], name="reader"))
-        outputs.append(helper.make_tensor_value_info("w_copy", TensorProto.FLOAT, [None] * len(inits[0].dims)))
+        outputs.append(
+            helper.make_tensor_value_info("w_copy", TensorProto.FLOAT, [None] * len(inits[0].dims))
+        )
     facts.update(extra_consumer=extra_consumer, shared_weight=shared_weight)
 
-    graph = helper.make_graph(nodes, "prop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)], outputs, inits)
+    graph = helper.make_graph(
+        nodes, "prop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)], outputs, inits
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     feeds = {"x": rng.normal(0, 1, x_shape).astype(np.float32)}
     return model, feeds, facts
 
 
 @settings(
-    max_examples=EXAMPLES, deadline=None, derandomize=DERANDOMIZE, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=DERANDOMIZE,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 @given(layer_graphs())
 def test_random_layer_bn_graphs_fold_exactly(case):
@@ -120,7 +137,9 @@ def test_random_layer_bn_graphs_fold_exactly(case):
     unsafe = facts["extra_consumer"] or facts.get("rank3")
     if unsafe:
         assert not report.folded, "an unsafe pattern was folded"
-        expected = SkipReason.PRODUCER_OUTPUT_SHARED if facts["extra_consumer"] else SkipReason.CHANNEL_AXIS_MISMATCH
+        expected = (
+            SkipReason.PRODUCER_OUTPUT_SHARED if facts["extra_consumer"] else SkipReason.CHANNEL_AXIS_MISMATCH
+        )
         assert report.skipped[0].reason is expected
     else:
         assert len(report.folded) == 1, report.skipped

@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_close, run_ort
-from onnx_builders import G
 
 from bnfold import (
     SkipReason,
@@ -29,6 +27,8 @@ from bnfold import (
     fold_path,
     onnx_fold,
 )
+from conftest import assert_close, run_ort
+from onnx_builders import G
 
 verify_module = importlib.import_module("bnfold.verify")
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from bnfold.report import Folded, FoldReport, Skipped, SkipReason
 from bnfold.torch_fold import fold_module
+from torch_models import Net
 
 RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
@@ -570,28 +571,6 @@ def test_untraceable_parent_calling_child_bn_blocks_the_swap_when_inputs_prove_i
 
 
 # --------------------------------------------------------------------------- the result
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1, bias=False),
-            nn.BatchNorm2d(8),
-            nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1, groups=8),
-            nn.BatchNorm2d(8),
-            nn.ReLU(),
-            nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2),
-            nn.BatchNorm2d(8),
-            nn.ReLU(),
-        )
-        self.fc = nn.Linear(8, 5)
-        self.bn = nn.BatchNorm1d(5)
-
-    def forward(self, x):
-        y = self.features(x)
-        return y, self.bn(self.fc(y.mean((2, 3))))
 
 
 def test_inplace_false_leaves_the_callers_module_bit_identical():

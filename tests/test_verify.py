@@ -16,13 +16,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import bn_stats
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.errors import InputError, ShapeError
 from bnfold.io import LAZY_THRESHOLD, is_lazy, load_model
 from bnfold.report import VerifyStatus
 from bnfold.verify import DEFAULT_RTOL, load_inputs, make_inputs, verify
+from conftest import bn_stats
 
 verify_mod = importlib.import_module("bnfold.verify")  # `bnfold.verify` is also the re-exported function
 

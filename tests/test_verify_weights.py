@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
-from onnx_builders import G, conv_bn
 
 from bnfold import VerifyStatus, fold_onnx, verify
 from bnfold.verify_weights import WEIGHT_ULPS
+from onnx_builders import G, conv_bn
 
 F32_EPS = float(np.finfo(np.float32).eps)
 
