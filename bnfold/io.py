@@ -61,6 +61,7 @@ from bnfold.errors import BnfoldError, InputError
 __all__ = [
     "EXTERNAL_THRESHOLD",
     "LAZY_THRESHOLD",
+    "copy_except",
     "is_lazy",
     "load_model",
     "materialize",
@@ -840,7 +841,7 @@ class _Item:
     """Size of the emitted TensorProto."""
 
 
-def _copy_except(message: onnx.ModelProto | onnx.GraphProto, skip: str) -> onnx.ModelProto | onnx.GraphProto:
+def copy_except(message: onnx.ModelProto | onnx.GraphProto, skip: str) -> onnx.ModelProto | onnx.GraphProto:
     out = type(message)()
     for fd, value in message.ListFields():
         if fd.name == skip:
@@ -1216,12 +1217,12 @@ class _Writer:
     def _run(self) -> None:
         model = self.model
         if not model.HasField("graph"):
-            rest = _copy_except(model, "")
+            rest = copy_except(model, "")
             self._embed_rest(rest)
             self._commit([rest.SerializeToString()], [], None)
             return
-        rest_model = _copy_except(model, "graph")
-        rest_graph = _copy_except(model.graph, "initializer")
+        rest_model = copy_except(model, "graph")
+        rest_graph = copy_except(model.graph, "initializer")
         uses_external = self._embed_rest(rest_model)
         uses_external = self._embed_rest(rest_graph) or uses_external
         items, init_external = self._plan_items()

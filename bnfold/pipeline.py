@@ -43,6 +43,9 @@ def fold_path(
 
     Raises :class:`~bnfold.errors.VerificationError` (``dst`` untouched) when the folded model
     does not pass verification even after reverting the diverging folds, unless ``force``.
+
+    The returned ``FoldResult.model`` is the lazily loaded graph (large tensors are stubs that
+    point into ``src``); the model itself is the file at ``dst``.
     """
     from .io import load_model, save_model
 

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bnfold.check import CheckResult, CheckStatus, ModelCheck, ModelStats
-from bnfold.report import Folded, FoldReport, Skipped, TensorDiff, VerifyReport, VerifyStatus, _jsonable
+from bnfold.report import Folded, FoldReport, Skipped, TensorDiff, VerifyReport, VerifyStatus, jsonable
 
 SCHEMA_VERSION = 1
 """Version of the JSON documents below; bumped when a key changes meaning or disappears."""
@@ -104,7 +104,7 @@ class FoldOutcome:
                 "report": self.report.to_dict() if self.report else None,
                 "module_report": self.module_report.to_dict() if self.module_report else None,
                 "verification": self.verification.to_dict() if self.verification else None,
-                "export": _jsonable(dict(self.export)) if self.export is not None else None,
+                "export": jsonable(dict(self.export)) if self.export is not None else None,
             },
         )
 

@@ -234,21 +234,21 @@ class ExportResult:
         return _asdict(self)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         if hasattr(value, "to_dict"):
             return value.to_dict()
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):  # strict JSON has no NaN/Infinity
         return str(value)
     return value
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
-    return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .errors import VerificationError
-from .report import FoldReport, Skipped, SkipReason, VerifyReport, VerifyStatus
+from .report import FoldReport, SkipReason, VerifyReport, VerifyStatus
 
 MAX_ROUNDS = 4
 
@@ -126,7 +126,3 @@ def _mark_reverted(report: FoldReport, reverted: Mapping[str, str]) -> FoldRepor
 def _with_suspects(vr: VerifyReport, reverted: Mapping[str, str]) -> VerifyReport:
     suspects = tuple(dict.fromkeys([*vr.suspect_folds, *reverted]))
     return dataclasses.replace(vr, suspect_folds=suspects)
-
-
-def reverted_skips(report: FoldReport) -> list[Skipped]:
-    return [s for s in report.skipped if s.reason is SkipReason.VERIFICATION_FAILED]

@@ -96,7 +96,7 @@ from google.protobuf.message import EncodeError
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import InputError, ShapeError
-from .io import _copy_except, load_model, save_model
+from .io import copy_except, load_model, save_model
 from .report import InputSpec, TensorDiff, VerifyReport, VerifyStatus
 from .verify_weights import WeightCheck, check_weights
 
@@ -208,8 +208,8 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
     Runs on a copy whose large initializers are declared as typed inputs instead, so that
     no weight is serialized (and models over 2 GB work).
     """
-    skeleton = _copy_except(model, "graph")
-    skeleton.graph.CopyFrom(_copy_except(model.graph, "initializer"))
+    skeleton = copy_except(model, "graph")
+    skeleton.graph.CopyFrom(copy_except(model.graph, "initializer"))
     declared = {vi.name for vi in skeleton.graph.input}
     for t in model.graph.initializer:
         if t.data_location != TensorProto.EXTERNAL and int(np.prod(t.dims)) <= _SMALL_INITIALIZER:
