@@ -57,13 +57,22 @@ def fold_path(
     src_dir = os.path.dirname(src)
     note = progress or (lambda _msg: None)
 
+    dst_dir = os.path.dirname(dst) or "."
+    if not os.path.isdir(dst_dir):
+        raise InputError(f"{dst}: cannot write: directory {dst_dir} does not exist")
+
     def make(excl: frozenset[str], out_path: str) -> tuple[str, FoldReport, onnx.ModelProto]:
         note("loading")
         model = load_model(src, lazy=True)
+        # "keep the input's layout" is decided on the source: a fold may replace every
+        # external tensor with a new in-memory one, and the output must still use a data file
+        layout = external_data
+        if layout is None and _uses_external_data(model):
+            layout = True
         note("folding")
         report = _fold_model(model, base_dir=src_dir, exclude=excl)
         note("saving")
-        save_model(model, out_path, source_dir=src_dir, external_data=external_data)
+        save_model(model, out_path, source_dir=src_dir, external_data=layout)
         return out_path, report, model
 
     if not verify:
@@ -72,8 +81,6 @@ def fold_path(
 
     from .safe import fold_verified
 
-    dst_dir = os.path.dirname(dst) or "."
-    os.makedirs(dst_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".bnfold-", dir=dst_dir)
     try:
         staged = os.path.join(staging, os.path.basename(dst))
@@ -109,3 +116,12 @@ def fold_path(
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    """Whether the model stores tensors in external data files (lazy stubs do not count)."""
+    from .io import is_lazy
+
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL and not is_lazy(t) for t in model.graph.initializer
+    )

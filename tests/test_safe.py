@@ -201,6 +201,7 @@ def test_fold_path_writes_only_the_verified_model(rng, tmp_path, corrupt):
     g = conv_chain(rng)
     model = model_of(g)
     src, dst = save(model, tmp_path / "src.onnx"), tmp_path / "out" / "dst.onnx"
+    dst.parent.mkdir()
     corrupt({"z2": 1e-5})
     result = fold_path(src, dst)
     assert result.verification.passed
@@ -218,6 +219,7 @@ def always_failing(*args, **kwargs) -> VerifyReport:
 @pytest.mark.parametrize("force", [False, True], ids=["refused", "force"])
 def test_fold_path_that_cannot_pass_writes_nothing_unless_forced(rng, tmp_path, monkeypatch, force):
     src, dst = save(model_of(conv_chain(rng)), tmp_path / "src.onnx"), tmp_path / "out" / "dst.onnx"
+    dst.parent.mkdir()
     monkeypatch.setattr(verify_module, "verify", always_failing)
     if not force:
         with pytest.raises(VerificationError) as err:
