@@ -342,7 +342,7 @@ class _Scope:
     initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
     producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
     const_cache: dict[str, np.ndarray] = field(default_factory=dict)
-    const_nodes: set[str] = field(default_factory=set)  # keys of nodes read as constants
+    const_nodes: set[tuple[str, str]] = field(default_factory=set)  # nodes read as constants
     doomed: set[tuple[str, str]] = field(default_factory=set)  # nodes to delete at the end of a pass
     stale_names: set[str] = field(default_factory=set)  # value_info to drop at the end of a pass
 
@@ -413,11 +413,11 @@ class _Scope:
                 f"{what} {name!r} is computed by {node.domain}:{node.op_type} {node.name!r}",
             )
         if node.op_type == "Constant":
-            self.const_nodes.add(_node_key(node))
+            self.const_nodes.add(_node_id(node))
             return _constant_node_value(node)
         if node.op_type == "Identity":
             value = self._constant(node.input[0], what=what, depth=depth + 1)
-            self.const_nodes.add(_node_key(node))
+            self.const_nodes.add(_node_id(node))
             return value
         if node.op_type in _NONDETERMINISTIC or _has_subgraph(node):
             raise _NotConstant(
@@ -433,7 +433,7 @@ class _Scope:
                 _non_const_reason(what),
                 f"{what} {name!r} is computed by {node.op_type} {node.name!r}, which could not be evaluated",
             )
-        self.const_nodes.add(_node_key(node))
+        self.const_nodes.add(_node_id(node))
         return value
 
     def add_constant(self, base: str, value: np.ndarray, *, before: onnx.NodeProto) -> str:
@@ -457,9 +457,6 @@ class _Scope:
             self.producer[name] = self.nodes[idx]
         return name
 
-    def uses(self, name: str) -> int:
-        return self.ctx.uses[name]
-
 
 def _non_const_reason(what: str) -> SkipReason:
     return SkipReason.NON_CONSTANT_BN_PARAM if what.startswith("BN") else SkipReason.NON_CONSTANT_WEIGHT
@@ -469,15 +466,15 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
-def _node_key(node: onnx.NodeProto) -> str:
-    """A node's identity within its graph: its first output name (unique in SSA form)."""
-    return node.output[0] if node.output else ""
+def _node_id(node: onnx.NodeProto) -> tuple[str, str]:
+    """A node's identity in its graph: op type and first output (outputs are unique in SSA)."""
+    return (node.op_type, node.output[0] if node.output else "")
 
 
 def _index_of(nodes: Any, target: onnx.NodeProto) -> int:
-    key = _node_key(target)
+    key = _node_id(target)
     for i, n in enumerate(nodes):
-        if (n.output[0] if n.output else "") == key and n.op_type == target.op_type:
+        if _node_id(n) == key:
             return i
     raise ValueError("node not in graph")
 
@@ -998,10 +995,6 @@ def _rewire(scope: _Scope, *, producer: onnx.NodeProto, old_out: str, bn: onnx.N
     scope.stale_names.update({old_out, *[e for e in bn.output[1:] if e]})
 
 
-def _node_id(node: onnx.NodeProto) -> tuple[str, str]:
-    return (node.op_type, node.output[0] if node.output else "")
-
-
 def _flush(scope: _Scope) -> None:
     """Delete the nodes and value_info marked dead, in one pass over each list.
 
@@ -1033,7 +1026,7 @@ def _remove_dead(ctx: _Model, scopes: list[_Scope]) -> None:
             dead_nodes = [
                 n
                 for n in scope.nodes
-                if _node_key(n) in scope.const_nodes
+                if _node_id(n) in scope.const_nodes
                 and all(ctx.uses[o] == 0 and o not in scope.outputs for o in n.output if o)
             ]
             for n in dead_nodes:
@@ -1055,7 +1048,7 @@ def _remove_dead(ctx: _Model, scopes: list[_Scope]) -> None:
             for t in g.initializer
             if ctx.uses[t.name] <= 0
             and t.name not in scope.outputs
-            and _was_used(t.name, ctx)
+            and t.name in ctx.uses  # never-used initializers are not ours to delete
             and not scope.overridable(t.name)
         }
         if not dead:
@@ -1068,9 +1061,3 @@ def _remove_dead(ctx: _Model, scopes: list[_Scope]) -> None:
             del g.input[:]
             g.input.extend(inputs)
         _drop_value_info(g, dead)
-
-
-def _was_used(name: str, ctx: _Model) -> bool:
-    # ``uses`` only holds names that were referenced at some point: an initializer that was
-    # never used by the input model is not ours to delete.
-    return name in ctx.uses
