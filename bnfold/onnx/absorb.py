@@ -1,0 +1,293 @@
+"""Pure checks: can the layer that produces a source's input absorb its affine map?
+
+Each ``check_*`` reads the graph and returns a :class:`~.plan.Plan` or a
+:class:`~.plan.Reject`; none mutates. With ``s`` the per-channel scale and ``t`` the shift
+(:mod:`bnfold.fold_math`), backward into the producer::
+
+    Conv          W (C_out, C_in/g, k...)  W' = W * s on axis 0,                b' = b*s + t
+    ConvTranspose W (C_in, C_out/g, k...)  W' = W * s on axis 1 within groups,  b' = b*s + t
+    Gemm          B (K, N) / transB (N, K) B' = B * s on the N axis, C' = beta*C*s + t, beta := 1
+    MatMul (rank-2 output)                 becomes Gemm(A, B*s, t)
+    MatMul -> Add(c) (rank-2 output)       B' = B * s, c' = c*s + t
+
+The source's channel axis must be the layer's output-channel axis: axis 1 for Conv/
+ConvTranspose and for a rank-2 Gemm/MatMul output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+
+from .. import fold_math
+from ..report import SkipReason
+from .constants import NotConstant
+from .graph import Scope, attr, is_op
+from .plan import NewValue, Plan, Reject, Source
+
+Check = Callable[[Scope, onnx.NodeProto, Source], "Plan | Reject"]
+
+
+def find_layer(scope: Scope, x: str) -> onnx.NodeProto | Reject:
+    """The layer producing ``x`` when it is one that can absorb an affine map, or why not."""
+    producer = scope.producer.get(x)
+    if producer is None:
+        where = "a graph input" if x in scope.formal_inputs else "an initializer or outer-scope value"
+        return Reject(SkipReason.NO_PRODUCER, f"its input {x!r} is {where}; no layer to fold into")
+    if not is_op(producer, *ABSORBERS):
+        return Reject(
+            SkipReason.UNSUPPORTED_PRODUCER,
+            f"its input comes from {producer.op_type} {producer.name!r}, which cannot absorb a per-channel affine map",
+            producer,
+        )
+    if not scope.single_use(x):
+        return Reject(
+            SkipReason.PRODUCER_OUTPUT_SHARED,
+            f"{producer.op_type} output {x!r} also feeds other nodes or is a graph output",
+            producer,
+        )
+    return producer
+
+
+def plan_into(scope: Scope, layer: onnx.NodeProto, source: Source) -> Plan | Reject:
+    """The plan that folds ``source`` into ``layer`` (from :func:`find_layer`), or why not."""
+    try:
+        result = ABSORBERS[layer.op_type](scope, layer, source)
+    except NotConstant as e:
+        return Reject(e.reason, e.detail, layer)
+    if isinstance(result, Reject) and result.node is None:
+        return Reject(result.reason, result.detail, layer)
+    return result
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _float_problem(w: np.ndarray, what: str) -> Reject | None:
+    if w.dtype.kind != "f" and str(w.dtype) != "bfloat16":
+        return Reject(
+            SkipReason.UNSUPPORTED_DTYPE, f"{what} has dtype {w.dtype}, only floating-point weights are folded"
+        )
+    return None
+
+
+def _cast(values: np.ndarray, like: np.ndarray, what: str) -> np.ndarray | Reject:
+    out, why = fold_math.cast_exact(values, like.dtype, channel_axis=None, original=like)
+    if out is None:
+        return Reject(SkipReason.NOT_REPRESENTABLE, f"folding into {what}: {why}")
+    return out
+
+
+def _scaled(w: np.ndarray, aff: fold_math.Affine, what: str, *, axis: int, groups: int = 1) -> np.ndarray | Reject:
+    out, why = fold_math.scale_weight_exact(w, aff.scale, axis=axis, groups=groups)
+    if out is None:
+        return Reject(SkipReason.NOT_REPRESENTABLE, f"folding into {what}: {why}")
+    return out
+
+
+def _channels_problem(aff: fold_math.Affine, op: str, c_out: int) -> Reject | None:
+    if aff.channels != c_out:
+        return Reject(SkipReason.SHAPE_MISMATCH, f"BN has {aff.channels} channels, {op} outputs {c_out}")
+    return None
+
+
+def _input(node: onnx.NodeProto, index: int) -> str:
+    return node.input[index] if len(node.input) > index else ""
+
+
+def _axis_problem(source: Source, want: int, op: str) -> Reject | None:
+    if source.axis != want:
+        return Reject(
+            SkipReason.CHANNEL_AXIS_MISMATCH,
+            f"the affine map is on axis {source.axis}, {op}'s output channels are on axis {want}",
+        )
+    return None
+
+
+def _plan(source: Source, absorber: onnx.NodeProto, chain: tuple[onnx.NodeProto, ...], *parts: object) -> Plan | Reject:
+    """A plan from ``NewValue``s, or the first ``Reject`` among ``parts``."""
+    for p in parts:
+        if isinstance(p, Reject):
+            return p
+    values = tuple(p for p in parts if isinstance(p, NewValue))
+    return Plan(source=source, absorber=absorber, chain=chain, values=values)
+
+
+# --------------------------------------------------------------------------- absorbers
+
+
+def check_conv(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | Reject:
+    """Conv: W (C_out, C_in/g, k...) scaled on axis 0 (any group); ConvTranspose: W (C_in,
+    C_out/g, k...) scaled on axis 1 within each group; bias b*s + t (created when absent)."""
+    aff = source.affine
+    transpose = node.op_type == "ConvTranspose"
+    if (bad := _axis_problem(source, 1, node.op_type)) is not None:
+        return bad
+    w = scope.constant(node.input[1], what="weight")
+    if (bad := _float_problem(w, "weight")) is not None:
+        return bad
+    if w.ndim < 3:
+        return Reject(SkipReason.SHAPE_MISMATCH, f"weight has rank {w.ndim}, expected >= 3")
+    group = int(attr(node, "group", 1))
+    c_out = w.shape[1] * group if transpose else w.shape[0]
+    if (bad := _channels_problem(aff, node.op_type, c_out)) is not None:
+        return bad
+    if transpose and w.shape[0] % group:
+        return Reject(SkipReason.SHAPE_MISMATCH, f"weight {w.shape} does not split into {group} groups")
+    b = scope.constant(node.input[2], what="bias") if _input(node, 2) else None
+    if b is not None and b.shape != (c_out,):
+        return Reject(SkipReason.SHAPE_MISMATCH, f"bias has shape {b.shape}, expected ({c_out},)")
+    w_new = _scaled(w, aff, "the weight", axis=1 if transpose else 0, groups=group if transpose else 1)
+    b_new = _cast(fold_math.fold_bias(b, aff), b if b is not None else w, "the bias")
+    return _plan(
+        source,
+        node,
+        (node,),
+        w_new if isinstance(w_new, Reject) else NewValue(node, 1, w_new, "weight"),
+        b_new if isinstance(b_new, Reject) else NewValue(node, 2, b_new, "bias"),
+    )
+
+
+def check_gemm(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | Reject:
+    """Gemm: Y = alpha*A'B' + beta*C. B's N axis scaled; C' = (beta*C)*s + t; beta := 1."""
+    aff = source.affine
+    if (bad := _axis_problem(source, 1, "Gemm")) is not None:
+        return bad
+    b = scope.constant(node.input[1], what="weight (B)")
+    if (bad := _float_problem(b, "weight (B)")) is not None:
+        return bad
+    if b.ndim != 2:
+        return Reject(SkipReason.SHAPE_MISMATCH, f"B has rank {b.ndim}")
+    n_axis = 0 if int(attr(node, "transB", 0)) else 1
+    if (bad := _channels_problem(aff, "Gemm", b.shape[n_axis])) is not None:
+        return bad
+    beta = float(attr(node, "beta", 1.0))
+    c_vec = None
+    if _input(node, 2):
+        c = scope.constant(node.input[2], what="bias (C)")
+        c_vec = fold_math.channel_vector(c, aff.channels)
+        if c_vec is None:
+            return Reject(
+                SkipReason.BIAS_NOT_PER_CHANNEL, f"C has shape {c.shape}, which is not constant per output column"
+            )
+        c_vec = c_vec * float(np.float32(beta))
+    b_new = _scaled(b, aff, "B", axis=n_axis)
+    c_new = _cast(fold_math.fold_bias(c_vec, aff), b, "C")
+    plan = _plan(
+        source,
+        node,
+        (node,),
+        b_new if isinstance(b_new, Reject) else NewValue(node, 1, b_new, "weight"),
+        c_new if isinstance(c_new, Reject) else NewValue(node, 2, c_new, "bias"),
+    )
+    if isinstance(plan, Reject):
+        return plan
+    attrs: list[tuple[onnx.NodeProto, str, object]] = [(node, "beta", 1.0)]
+    if scope.index.opset < 7:
+        attrs.append((node, "broadcast", 1))
+    return Plan(source=source, absorber=node, chain=(node,), values=plan.values, attrs=tuple(attrs))
+
+
+def matmul_axis_problem(scope: Scope, node: onnx.NodeProto, b: np.ndarray) -> Reject | None:
+    """BN normalizes axis 1; that is the MatMul's output-feature axis only for a rank-2 output."""
+    a_rank = scope.rank(node.input[0])
+    if a_rank is None:
+        return Reject(
+            SkipReason.CHANNEL_AXIS_MISMATCH,
+            f"rank of MatMul input {node.input[0]!r} is unknown, so BN's channel axis cannot be proven "
+            "to be the output-feature axis",
+        )
+    if a_rank != 2 or b.ndim != 2:
+        return Reject(
+            SkipReason.CHANNEL_AXIS_MISMATCH,
+            f"MatMul output has rank {max(a_rank, b.ndim)}: BN normalizes axis 1, which is not the "
+            "MatMul's output-feature (last) axis",
+        )
+    return None
+
+
+def _matmul_weight(scope: Scope, mm: onnx.NodeProto, source: Source) -> np.ndarray | Reject:
+    b = scope.constant(mm.input[1], what="weight (B)")
+    if (bad := matmul_axis_problem(scope, mm, b)) is not None:
+        return bad
+    if (bad := _axis_problem(source, 1, "MatMul")) is not None:
+        return bad
+    if (bad := _float_problem(b, "weight (B)")) is not None:
+        return bad
+    if (bad := _channels_problem(source.affine, "MatMul", b.shape[1])) is not None:
+        return bad
+    return b
+
+
+def check_matmul(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | Reject:
+    """MatMul with a rank-2 output: becomes Gemm(A, B*s, t), so BN's axis 1 is B's N axis."""
+    b = _matmul_weight(scope, node, source)
+    if isinstance(b, Reject):
+        return b
+    b_new = _scaled(b, source.affine, "B", axis=1)
+    c_new = _cast(fold_math.fold_bias(None, source.affine), b, "the new bias")
+    plan = _plan(
+        source,
+        node,
+        (node,),
+        b_new if isinstance(b_new, Reject) else NewValue(node, 1, b_new, "weight"),
+        c_new if isinstance(c_new, Reject) else NewValue(node, 2, c_new, "bias"),
+    )
+    if isinstance(plan, Reject):
+        return plan
+    attrs = ((node, "broadcast", 1),) if scope.index.opset < 7 else ()
+    return Plan(
+        source=source, absorber=node, chain=(node,), values=plan.values, attrs=attrs, op_type=(node, "Gemm")
+    )
+
+
+def check_matmul_add(scope: Scope, add: onnx.NodeProto, source: Source) -> Plan | Reject:
+    """MatMul -> Add(c) with a rank-2 output: B' = B*s, c' = c*s + t. The MatMul's output changes
+    values, so ``apply`` renames it."""
+    mm, c_name = None, None
+    for i, other in ((0, 1), (1, 0)):
+        p = scope.producer.get(_input(add, i))
+        if is_op(p, "MatMul"):
+            mm, c_name = p, _input(add, other)
+            break
+    if mm is None or not c_name:
+        return Reject(
+            SkipReason.UNSUPPORTED_PRODUCER, "Add is not MatMul + constant; an Add of activations cannot absorb BN"
+        )
+    if not scope.single_use(mm.output[0]):
+        return Reject(
+            SkipReason.PRODUCER_OUTPUT_SHARED,
+            f"MatMul output {mm.output[0]!r} also feeds other nodes or is a graph output",
+        )
+    c = scope.constant(c_name, what="bias (Add constant)")
+    b = _matmul_weight(scope, mm, source)
+    if isinstance(b, Reject):
+        return b
+    c_vec = fold_math.channel_vector(c, source.affine.channels)
+    if c_vec is None:
+        return Reject(
+            SkipReason.BIAS_NOT_PER_CHANNEL,
+            f"Add constant has shape {c.shape}, which is not constant per output column",
+        )
+    b_new = _scaled(b, source.affine, "B", axis=1)
+    c_like = c if c.dtype.kind == "f" or str(c.dtype) == "bfloat16" else b
+    c_new = _cast(fold_math.fold_bias(c_vec, source.affine), c_like, "the Add constant")
+    return _plan(
+        source,
+        add,
+        (mm, add),
+        b_new if isinstance(b_new, Reject) else NewValue(mm, 1, b_new, "weight"),
+        c_new if isinstance(c_new, Reject) else NewValue(add, list(add.input).index(c_name), c_new, "bias"),
+    )
+
+
+ABSORBERS: dict[str, Check] = {
+    "Conv": check_conv,
+    "ConvTranspose": check_conv,
+    "Gemm": check_gemm,
+    "MatMul": check_matmul,
+    "Add": check_matmul_add,
+}
+"""Op type of the layer producing the source's input -> its check."""

@@ -1,0 +1,183 @@
+"""What is constant: a value that depends only on constants.
+
+Constants are initializers that no caller can override (not also graph inputs at IR >= 4),
+``Constant`` nodes, ``Identity`` of constants, and deterministic nodes whose inputs are all
+constant (evaluated with onnx's reference evaluator). In a subgraph, names not found locally
+resolve in the enclosing scope. Anything else raises :class:`NotConstant` with the skip reason
+and a sentence for the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..report import SkipReason
+
+if TYPE_CHECKING:  # the protocol below is what this module reads; graph.Scope implements it
+    from collections.abc import Mapping
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+# Ops whose output is not a pure function of their inputs: never evaluated as constants.
+_NONDETERMINISTIC = {
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+    "Dropout",
+}
+_QUANTIZED = ("DequantizeLinear", "QLinearConv", "DynamicQuantizeLinear")
+MAX_EVAL_ELEMENTS = 1 << 26
+_MAX_DEPTH = 64
+
+
+class NotConstant(Exception):
+    """``name`` is not a constant: ``reason`` is the skip reason, ``detail`` the sentence."""
+
+    def __init__(self, reason: SkipReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class ConstantScope(Protocol):
+    """What constant resolution reads from a scope (implemented by :class:`bnfold.onnx.graph.Scope`)."""
+
+    initializers: Mapping[str, onnx.TensorProto]
+    producer: Mapping[str, onnx.NodeProto]
+    formal_inputs: set[str]
+    const_nodes: set[tuple[str, str]]
+
+    @property
+    def parent(self) -> ConstantScope | None: ...
+
+    @property
+    def index(self) -> Any: ...  # ModelIndex: opset, base_dir
+
+    def overridable(self, name: str) -> bool: ...
+
+    def constant(self, name: str, *, what: str) -> np.ndarray: ...
+
+
+def non_const_reason(what: str) -> SkipReason:
+    """BN parameters and layer weights have their own reason codes."""
+    return SkipReason.NON_CONSTANT_BN_PARAM if what.startswith("BN") else SkipReason.NON_CONSTANT_WEIGHT
+
+
+def resolve(scope: ConstantScope, name: str, *, what: str, depth: int = 0) -> np.ndarray:
+    """The value of ``name`` in ``scope``, or raise :class:`NotConstant`.
+
+    ``what`` names the role of the tensor in the report ("weight", "BN scale"...). Nodes read
+    as constants are recorded in ``scope.const_nodes`` so dead ones can be removed after folding.
+    """
+    if depth > _MAX_DEPTH:
+        raise NotConstant(
+            non_const_reason(what), f"{what} {name!r} comes from a constant chain too deep to evaluate"
+        )
+    if name in scope.initializers:
+        if scope.overridable(name):
+            raise NotConstant(
+                non_const_reason(what),
+                f"{what} {name!r} is an initializer also listed as a graph input, so it can be overridden at run time",
+            )
+        return read_initializer(scope.initializers[name], scope.index.base_dir)
+    node = scope.producer.get(name)
+    if node is None:
+        if name in scope.formal_inputs:
+            raise NotConstant(non_const_reason(what), f"{what} {name!r} is a graph input")
+        if scope.parent is not None:
+            return scope.parent.constant(name, what=what)
+        raise NotConstant(non_const_reason(what), f"{what} {name!r} has no producer in this graph")
+    if node.op_type in _QUANTIZED or node.domain not in _DEFAULT_DOMAINS:
+        if node.op_type == "DequantizeLinear":
+            raise NotConstant(
+                SkipReason.QUANTIZED_WEIGHT,
+                f"{what} {name!r} is produced by DequantizeLinear {node.name!r} (quantized model)",
+            )
+        raise NotConstant(
+            non_const_reason(what), f"{what} {name!r} is computed by {node.domain}:{node.op_type} {node.name!r}"
+        )
+    key = (node.op_type, node.output[0] if node.output else "")
+    if node.op_type == "Constant":
+        scope.const_nodes.add(key)
+        return constant_node_value(node)
+    if node.op_type == "Identity":
+        value = resolve(scope, node.input[0], what=what, depth=depth + 1)
+        scope.const_nodes.add(key)
+        return value
+    if node.op_type in _NONDETERMINISTIC or any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute
+    ):
+        raise NotConstant(
+            non_const_reason(what), f"{what} {name!r} is computed at run time by {node.op_type} {node.name!r}"
+        )
+    args = [None if not i else resolve(scope, i, what=what, depth=depth + 1) for i in node.input]
+    value = evaluate(node, args, name, scope.index.opset)
+    if value is None:
+        raise NotConstant(
+            non_const_reason(what),
+            f"{what} {name!r} is computed by {node.op_type} {node.name!r}, which could not be evaluated",
+        )
+    scope.const_nodes.add(key)
+    return value
+
+
+def read_initializer(tensor: onnx.TensorProto, base_dir: str | None) -> np.ndarray:
+    """An initializer's values, reading external data (or a lazy stub) relative to ``base_dir``."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    from bnfold.io import read_array  # SHIM: bnfold.onnx.io.read_array once the I/O package stands
+
+    return read_array(tensor, base_dir)
+
+
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    """The value of a ``Constant`` node."""
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    if attr.name == "value_float":
+        return np.array(attr.f, dtype=np.float32)
+    if attr.name == "value_floats":
+        return np.array(list(attr.floats), dtype=np.float32)
+    if attr.name == "value_int":
+        return np.array(attr.i, dtype=np.int64)
+    if attr.name == "value_ints":
+        return np.array(list(attr.ints), dtype=np.int64)
+    raise NotConstant(SkipReason.NON_CONSTANT_WEIGHT, f"Constant {node.name!r} has an unsupported {attr.name!r}")
+
+
+def evaluate(node: onnx.NodeProto, args: list[np.ndarray | None], name: str, opset: int) -> np.ndarray | None:
+    """Evaluate one deterministic node on constant inputs with onnx's reference evaluator."""
+    if sum(a.size for a in args if a is not None) > MAX_EVAL_ELEMENTS:
+        return None
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        feeds = {}
+        inputs = []
+        for i, (nm, a) in enumerate(zip(node.input, args)):
+            if not nm or a is None:
+                continue
+            key = f"in{i}"
+            feeds[key] = a
+            inputs.append(helper.make_tensor_value_info(key, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape))
+        new_inputs = [f"in{i}" if nm else "" for i, nm in enumerate(node.input)]
+        outs = [f"out{i}" for i in range(len(node.output))]
+        n = helper.make_node(node.op_type, new_inputs, outs, domain=node.domain)
+        n.attribute.extend(node.attribute)
+        g = helper.make_graph([n], "const", inputs, [helper.make_value_info(o, onnx.TypeProto()) for o in outs])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+        results = ReferenceEvaluator(m).run(None, feeds)
+        return np.asarray(results[list(node.output).index(name)])
+    except Exception as exc:  # noqa: BLE001 - evaluation is best-effort; failure means "not constant"
+        log.debug("could not evaluate %s %s: %s", node.op_type, node.name, exc)
+        return None

@@ -1,0 +1,199 @@
+"""All graph surgery: ``apply(plan)`` and the removal of what folding left dead.
+
+**The name rule.** After :func:`apply`, every tensor name that existed before either holds the
+same values or no longer exists. The plan's ``chain`` lists every node whose output values
+change; the last one writes the source's output name (whose values are what the source
+computed), every other changed output gets a fresh name, and the source's own nodes die. A
+plan that touches a node outside its chain is refused (ValueError: a bug in a check).
+
+New constants are created as initializers (Constant nodes in function bodies) with names
+that collide with nothing in the namespace. An initializer that only the changed node reads
+is rewritten under its own name: no node reads its old values any more.
+
+Dead nodes and initializers are removed by one stable sort and a truncation per list, never
+by deleting elements one at a time (quadratic on 50k-node graphs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .graph import Scope, node_id
+from .plan import Plan
+
+
+def apply(scope: Scope, plan: Plan) -> list[str]:
+    """Execute ``plan`` in ``scope``; returns the names of the initializers it created."""
+    chain_ids = {node_id(n) for n in plan.chain}
+    touched = [v.node for v in plan.values] + [a[0] for a in plan.attrs]
+    if plan.op_type is not None:
+        touched.append(plan.op_type[0])
+    if any(node_id(n) not in chain_ids for n in touched):
+        raise ValueError("a fold plan changes a node outside its chain: the name rule would break")
+    if plan.op_type is not None:
+        node, op = plan.op_type
+        node.op_type = op
+        del node.attribute[:]
+    created: list[str] = []
+    for v in plan.values:
+        created += set_input(scope, v.node, v.index, v.value, v.kind)
+    for node, name, value in plan.attrs:
+        set_attr(node, name, value)
+    for node in (*plan.source.nodes, *plan.dead):
+        kill(scope, node)
+    _rename_chain(scope, plan)
+    return created
+
+
+def _rename_chain(scope: Scope, plan: Plan) -> None:
+    """The last chain node writes the source's output; the others' outputs get fresh names.
+
+    Runs after the source's nodes died, so the source's output has no producer left.
+    """
+    ns = scope.ns
+    final = plan.source.output
+    last = len(plan.chain) - 1
+    for i, node in enumerate(plan.chain):
+        old = node.output[0]
+        new = final if i == last else ns.fresh_name(f"{old}_bnfold")
+        node.output[0] = new
+        if i < last:
+            ns.uses[new] += ns.uses[old]
+            ns.uses[old] = 0
+            nxt = plan.chain[i + 1]
+            for j, name in enumerate(nxt.input):
+                if name == old:
+                    nxt.input[j] = new
+        scope.producer.pop(old, None)
+        scope.producer[new] = node
+        scope.stale_names.add(old)
+    scope.stale_names.discard(final)
+
+
+def kill(scope: Scope, node: onnx.NodeProto) -> None:
+    """Mark ``node`` dead: its inputs lose a use, its outputs leave the producer map."""
+    for i in node.input:
+        if i:
+            scope.ns.uses[i] -= 1
+    scope.doomed.add(node_id(node))
+    for o in node.output:
+        scope.producer.pop(o, None)
+    scope.stale_names.update(o for o in node.output if o)
+
+
+def set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
+    keep = [a for a in node.attribute if a.name != name]
+    if len(keep) != len(node.attribute):
+        del node.attribute[:]
+        node.attribute.extend(keep)
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def set_input(scope: Scope, node: onnx.NodeProto, index: int, value: np.ndarray, kind: str) -> list[str]:
+    """Point ``node.input[index]`` at ``value``; returns the initializer names created.
+
+    An initializer of this scope read only by this node is overwritten in place (its name is
+    kept); anything shared, overridable, outer-scope or computed gets a fresh initializer, so
+    other readers keep the original values.
+    """
+    ns = scope.ns
+    old = node.input[index] if index < len(node.input) else ""
+    if old and old in scope.initializers and scope.single_use(old) and not scope.overridable(old):
+        t = scope.initializers[old]
+        new_t = numpy_helper.from_array(value, old)
+        new_t.doc_string = t.doc_string
+        t.CopyFrom(new_t)
+        scope.const_cache.pop(old, None)
+        return []
+    base = f"{old or (node.name or node.op_type) + '_' + kind}_bnfold"
+    name = add_constant(scope, base, value, before=node)
+    while len(node.input) <= index:
+        node.input.append("")
+    if old:
+        ns.uses[old] -= 1
+    node.input[index] = name
+    ns.uses[name] += 1
+    return [name]
+
+
+def add_constant(scope: Scope, base: str, value: np.ndarray, *, before: onnx.NodeProto) -> str:
+    """A new constant named after ``base``: an initializer, or a Constant node in a function body."""
+    name = scope.ns.fresh_name(base)
+    tensor = numpy_helper.from_array(value, name)
+    if scope.graph is not None:
+        scope.graph.initializer.append(tensor)
+        scope.initializers[name] = scope.graph.initializer[-1]  # append() stored a copy
+        if scope.index.ir_version <= 3 and scope.parent is None:
+            scope.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+            scope.formal_inputs.add(name)
+    else:
+        node = helper.make_node("Constant", [], [name], value=tensor, name=scope.ns.fresh_name(name + "_const"))
+        key = node_id(before)
+        idx = next(i for i, n in enumerate(scope.nodes) if node_id(n) == key)
+        scope.nodes.insert(idx, node)
+        scope.producer[name] = scope.nodes[idx]
+    return name
+
+
+# --------------------------------------------------------------------------- removal
+
+
+def _truncate(container: Any, dead: Any) -> None:
+    """Remove the elements for which ``dead(element)`` holds: one stable sort, one truncation."""
+    n_dead = sum(1 for e in container if dead(e))
+    if n_dead:
+        container.sort(key=lambda e: bool(dead(e)))
+        del container[len(container) - n_dead :]
+
+
+def flush(scope: Scope) -> None:
+    """Delete the nodes and value_info marked dead."""
+    if scope.doomed:
+        doomed = scope.doomed
+        _truncate(scope.nodes, lambda n: node_id(n) in doomed)
+        scope.doomed = set()
+    if scope.stale_names and scope.graph is not None:
+        stale = scope.stale_names
+        _truncate(scope.graph.value_info, lambda v: v.name in stale)
+    scope.stale_names = set()
+
+
+def remove_dead(scopes: list[Scope]) -> None:
+    """Drop initializers and constant-chain nodes that no longer feed anything."""
+    changed = True
+    while changed:
+        changed = False
+        for scope in scopes:
+            uses = scope.ns.uses
+            for n in scope.nodes:
+                if (
+                    node_id(n) in scope.const_nodes
+                    and node_id(n) not in scope.doomed
+                    and all(uses[o] <= 0 and o not in scope.outputs for o in n.output if o)
+                ):
+                    kill(scope, n)
+                    changed = True
+            flush(scope)
+    for scope in scopes:
+        g = scope.graph
+        if g is None:
+            continue
+        uses = scope.ns.uses
+        dead = {
+            t.name
+            for t in g.initializer
+            if uses[t.name] <= 0
+            and t.name not in scope.outputs
+            and t.name in uses  # never-used initializers are not ours to delete
+            and not scope.overridable(t.name)
+        }
+        if not dead:
+            continue
+        _truncate(g.initializer, lambda t: t.name in dead)
+        if scope.index.ir_version <= 3:
+            _truncate(g.input, lambda v: v.name in dead)
+        _truncate(g.value_info, lambda v: v.name in dead)
