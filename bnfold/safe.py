@@ -1,34 +1,16 @@
-"""Safe folding: fold, verify with onnxruntime, revert the folds that diverge, verify again.
-
-Used by ``fold_onnx(..., verify=True)`` and by :func:`bnfold.pipeline.fold_path`. Because a
-fold keeps the BN's output name, the verifier compares the fold points of both models; a
-fold whose tensor diverges first (every shared tensor upstream of it matches), or whose
-stored weights differ from the BN folded exactly (:mod:`bnfold.verify_weights`), is reverted
-by folding again from the source with that BN excluded. When divergence cannot be attributed to
-a fold (e.g. it shows only at graph outputs, or inside a subgraph), every fold of that round
-is reverted. The result either passed verification or raises VerificationError.
-"""
+# SHIM: removed at integration
+"""Moved to :mod:`bnfold.verify.rollback` (options grouped in :class:`bnfold.verify.VerifyOptions`)."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import VerificationError
-from .report import FoldReport, SkipReason, VerifyReport, VerifyStatus
+from .verify import rollback
+from .verify.options import VerifyOptions
+from .verify.rollback import MAX_ROUNDS, Make, Verified
 
-MAX_ROUNDS = 4
-
-# make(exclude) -> (candidate for the verifier: ModelProto or path, its FoldReport, payload)
-Make = Callable[[frozenset[str]], tuple[Any, FoldReport, Any]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Verified:
-    payload: Any
-    report: FoldReport
-    verification: VerifyReport
+__all__ = ["MAX_ROUNDS", "Make", "Verified", "fold_verified"]
 
 
 def fold_verified(
@@ -44,85 +26,6 @@ def fold_verified(
     rtol: float | None = None,
     force: bool = False,
 ) -> Verified:
-    """Run ``make`` until its candidate verifies against ``reference``; see module docstring.
-
-    With ``force=True`` a candidate that still fails after reverting is returned instead of
-    raising (its verification report says FAILED).
-    """
-    from .verify import verify
-
-    reverted: dict[str, str] = {}
-    last: tuple[Any, FoldReport, Any] | None = None
-    vr: VerifyReport | None = None
-    for _ in range(MAX_ROUNDS):
-        candidate, report, payload = make(exclude | frozenset(reverted))
-        last = (candidate, report, payload)
-        vr = verify(
-            reference,
-            candidate,
-            inputs=inputs,
-            shapes=shapes,
-            seed=seed,
-            samples=samples,
-            atol=atol,
-            rtol=rtol,
-        )
-        if vr.status is VerifyStatus.PASSED:
-            return Verified(payload, _mark_reverted(report, reverted), _with_suspects(vr, reverted))
-        if vr.status is VerifyStatus.NOT_RUN:
-            break
-        folded_outputs = [f.output for f in report.folded]
-        suspects = [n for n in vr.first_divergent if n in set(folded_outputs)]
-        if not suspects:
-            suspects = folded_outputs
-        if not suspects:
-            break  # nothing left to revert: the difference is not ours
-        for name in suspects:
-            reverted[name] = _why(vr, name)
-    assert last is not None and vr is not None
-    candidate, report, payload = last
-    final = _with_suspects(vr, reverted)
-    marked = _mark_reverted(report, reverted)
-    if force:
-        return Verified(payload, marked, final)
-    if vr.status is VerifyStatus.NOT_RUN:
-        msg = f"verification not run: {vr.message}"
-    else:
-        msg = f"verification failed: {vr.message or 'outputs differ'}"
-    raise VerificationError(msg, report=final, result=Verified(payload, marked, final))
-
-
-def _why(vr: VerifyReport, name: str) -> str:
-    """The sentence for a reverted fold: what failed at its tensor, or that it was not cleared.
-
-    Only failing comparisons are quoted: a fold reverted because the divergence could not be
-    attributed may have a tensor that matched.
-    """
-    parts = [
-        f"its output diverged under onnxruntime (max rel error {d.max_rel:.3g}, channel {d.worst_channel})"
-        for d in vr.intermediates
-        if d.name == name and not d.passed
-    ] + [
-        f"its folded weights differ from the BN folded exactly (max rel error {d.max_rel:.3g}, "
-        f"channel {d.worst_channel})"
-        for d in vr.weights
-        if d.name == name and not d.passed
-    ]
-    return "; ".join(parts) or "the folded model's outputs diverged and this fold could not be cleared"
-
-
-def _mark_reverted(report: FoldReport, reverted: Mapping[str, str]) -> FoldReport:
-    if not reverted:
-        return report
-    skipped = tuple(
-        dataclasses.replace(s, reason=SkipReason.VERIFICATION_FAILED, detail=reverted[s.output])
-        if s.reason is SkipReason.EXCLUDED and s.output in reverted
-        else s
-        for s in report.skipped
-    )
-    return FoldReport(folded=report.folded, skipped=skipped)
-
-
-def _with_suspects(vr: VerifyReport, reverted: Mapping[str, str]) -> VerifyReport:
-    suspects = tuple(dict.fromkeys([*vr.suspect_folds, *reverted]))
-    return dataclasses.replace(vr, suspect_folds=suspects)
+    """Today's signature, for callers not yet moved to :func:`bnfold.verify.fold_verified`."""
+    options = VerifyOptions(inputs, shapes, seed, samples, atol, rtol)
+    return rollback.fold_verified(make, reference, options=options, exclude=exclude, force=force)

@@ -1,4 +1,4 @@
-"""bnfold.verify: onnxruntime at ORT_DISABLE_ALL, seeded inputs, per-channel comparison of shared tensors.
+"""bnfold.verify (run, inputs, compare, models): onnxruntime at ORT_DISABLE_ALL, seeded inputs, per-channel comparison of shared tensors.
 
 Candidates are folded by hand here, in float64 numpy (W' = W*s, b' = (b - mean)*s + beta,
 s = gamma/sqrt(var + eps)), with the absorbing layer writing the BN's output name, as the
@@ -7,7 +7,6 @@ fold pass does. Each injected fault is the smallest the module docstring promise
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,9 @@ from onnx import TensorProto, helper, numpy_helper
 from bnfold.errors import InputError, ShapeError
 from bnfold.io import LAZY_THRESHOLD, is_lazy, load_model
 from bnfold.report import VerifyStatus
-from bnfold.verify import DEFAULT_RTOL, load_inputs, make_inputs, verify
+from bnfold.verify import DEFAULT_RTOL, compare, load_inputs, make_inputs, models, verify
+from bnfold.verify import inputs as verify_inputs
 from conftest import bn_stats
-
-verify_mod = importlib.import_module("bnfold.verify")  # `bnfold.verify` is also the re-exported function
 
 F32 = TensorProto.FLOAT
 
@@ -409,8 +407,8 @@ def test_int_uint_and_bool_inputs_are_generated_and_fed(rng):
     ids=lambda e: TensorProto.DataType.Name(e).lower(),
 )
 def test_generated_inputs_have_the_declared_dtype_and_small_non_negative_integers(elem):
-    decl = verify_mod._InputDecl("a", elem, (4, 50))
-    sample = verify_mod._generate([decl], {"a": (4, 50)}, np.random.default_rng(0))["a"]
+    decl = verify_inputs.InputDecl("a", elem, (4, 50))
+    sample = verify_inputs.generate([decl], {"a": (4, 50)}, np.random.default_rng(0))["a"]
     assert sample.dtype == helper.tensor_dtype_to_np_dtype(elem) and sample.shape == (4, 50)
     if sample.dtype.kind in "iu":
         assert sample.min() == 0 and sample.max() == 4
@@ -516,7 +514,7 @@ def test_nan_at_the_same_places_passes_and_elsewhere_fails(rng):
     ids=["same", "inf-sign-flipped", "nan-became-finite"],
 )
 def test_inf_and_nan_must_match_in_place_and_sign(cand, ok):
-    stats = verify_mod._Stats("t", "output", None, None)
+    stats = compare.TensorStats("t", "output", None, None)
     stats.add(np.array([1.0, np.inf, np.nan, -np.inf], np.float32), np.array(cand, np.float32))
     diff = stats.result()
     assert diff.passed is ok and diff.nan_inf_mismatch is not ok
@@ -524,7 +522,7 @@ def test_inf_and_nan_must_match_in_place_and_sign(cand, ok):
 
 
 def test_integer_tensors_must_be_equal_whatever_the_tolerance():
-    stats = verify_mod._Stats("idx", "output", 100.0, 1.0)
+    stats = compare.TensorStats("idx", "output", 100.0, 1.0)
     stats.add(np.array([[0, 3, 4]], np.int64), np.array([[0, 3, 4]], np.int64))
     assert stats.result().passed and stats.result().rtol == 0.0
     stats.add(np.array([[0, 3, 4]], np.int64), np.array([[0, 2, 4]], np.int64))
@@ -540,8 +538,8 @@ def test_scale_is_per_channel_for_intermediates_and_per_tensor_for_outputs():
     cand = ref.copy()
     cand[0, 1, 2] += 2e-4
     inter, out = (
-        verify_mod._Stats("t", "intermediate", None, None),
-        verify_mod._Stats("t", "output", None, None),
+        compare.TensorStats("t", "intermediate", None, None),
+        compare.TensorStats("t", "output", None, None),
     )
     inter.add(ref, cand)
     out.add(ref, cand)
@@ -556,7 +554,7 @@ def test_a_quiet_channel_is_judged_against_the_floor_not_its_own_noise():
     ref[:, 1] = 1e-6
     cand = ref.copy()
     cand[0, 1, 0] += 5e-4  # 5e-6 of the tensor scale, 5e-5 of the floored channel scale (10.0)
-    stats = verify_mod._Stats("t", "intermediate", None, None)
+    stats = compare.TensorStats("t", "intermediate", None, None)
     stats.add(ref, cand)
     assert stats.result().passed and stats.result().max_rel == pytest.approx(5e-5, rel=1e-2)
 
@@ -577,8 +575,8 @@ def test_first_divergent_follows_values_read_inside_subgraphs():
         [],
         [],
     )
-    assert verify_mod._first_divergent(graph, ["d", "b", "a"]) == ("a",)
-    assert verify_mod._first_divergent(graph, ["d", "c", "b"]) == ("b", "c")
+    assert compare.first_divergent(graph, ["d", "b", "a"]) == ("a",)
+    assert compare.first_divergent(graph, ["d", "c", "b"]) == ("b", "c")
 
 
 # --------------------------------------------------------------------------- shapes
@@ -758,7 +756,7 @@ def test_reference_runs_at_disable_all_where_bn_survives(rng, tmp_path):
     ref, _ = conv_stack(rng)
     kept = {}
     for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-        so = verify_mod._session_options(level)
+        so = models.session_options(level)
         so.optimized_model_filepath = str(tmp_path / f"{level.name}.onnx")
         ort.InferenceSession(ref.SerializeToString(), so, providers=["CPUExecutionProvider"])
         kept[level.name] = "BatchNormalization" in {
@@ -880,9 +878,9 @@ def test_models_over_protobuf_limit_go_through_external_data_without_touching_th
     cand = fold_conv_stack(layers, folded={1: _fault_weight(layers[0])})
     before = (ref.SerializeToString(), cand.SerializeToString())
     saved = []
-    real = verify_mod.save_model
-    monkeypatch.setattr(verify_mod, "_serialize", lambda model: None)  # what it returns past 2 GB
-    monkeypatch.setattr(verify_mod, "save_model", lambda m, p, **kw: saved.append(p) or real(m, p, **kw))
+    real = models.save_model
+    monkeypatch.setattr(models, "serialize", lambda model: None)  # what it returns past 2 GB
+    monkeypatch.setattr(models, "save_model", lambda m, p, **kw: saved.append(p) or real(m, p, **kw))
     report = verify(ref, cand)
     assert report.status is VerifyStatus.FAILED and report.first_divergent == ("bn1",)  # weights arrived
     assert len(saved) == 2 and report.candidate_runs_optimized  # once per model, not per session

@@ -1,36 +1,27 @@
-"""Safe folding end to end (bnfold.safe): fold, verify, revert exactly the wrong folds, verify again.
+"""Safe folding end to end (bnfold.verify.rollback through bnfold.api): fold, verify, revert
+exactly the wrong folds, verify again.
 
-A wrong fold is injected deterministically: the pass's Conv handler is wrapped so that the BNs
-named in ``targets`` are folded with channel 1's scale off by a given relative error. 1e-2 is
-visible to onnxruntime; 1e-5 is under float32 noise at rtol 1e-4 and only the static weights
-check (bnfold.verify_weights) sees it.
+A wrong fold is injected deterministically: the pass that bnfold.api runs is wrapped so that the
+Conv absorbing each BN named in ``targets`` gets channel 1 of its folded weight off by a given
+relative error. 1e-2 is visible to onnxruntime; 1e-5 is under float32 noise at rtol 1e-4 and only
+the static weights check (bnfold.verify.weights) sees it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
-from bnfold import (
-    SkipReason,
-    VerificationError,
-    VerifyReport,
-    VerifyStatus,
-    count_bn,
-    fold_math,
-    fold_onnx,
-    fold_path,
-    onnx_fold,
-)
+from bnfold import SkipReason, VerificationError, VerifyReport, VerifyStatus, api, count_bn
+from bnfold.api import fold_onnx, fold_path
+from bnfold.verify import run as verify_run
 from conftest import assert_close, run_ort
 from onnx_builders import G
-
-verify_module = importlib.import_module("bnfold.verify")
 
 BLOCKS = 3
 
@@ -64,35 +55,39 @@ def model_of(g: G, *, custom_op: bool = False) -> onnx.ModelProto:
 
 @pytest.fixture
 def corrupt(monkeypatch):
-    """``corrupt({"z1": 1e-2})``: the pass folds the BN writing z1 with channel 1's scale * (1 + 1e-2)."""
+    """``corrupt({"z1": 1e-2})``: after the pass, the Conv now writing z1 has channel 1 of its
+    folded weight scaled by (1 + 1e-2)."""
 
     def install(targets: dict[str, float]) -> None:
-        real = onnx_fold._HANDLERS["Conv"]
+        real = api.fold_model
 
-        def wrong(scope, node, bn, aff):
-            if bn.output[0] in targets:
-                scale = aff.scale.copy()
-                scale[1] *= 1 + targets[bn.output[0]]
-                aff = fold_math.Affine(scale=scale, shift=aff.shift)
-            return real(scope, node, bn, aff)
+        def wrong(model, **kwargs):
+            report = real(model, **kwargs)
+            inits = {t.name: t for t in model.graph.initializer}
+            for node in model.graph.node:
+                if node.op_type == "Conv" and node.output[0] in targets:
+                    w = numpy_helper.to_array(inits[node.input[1]]).copy()
+                    w[1] *= np.float32(1 + targets[node.output[0]])
+                    inits[node.input[1]].CopyFrom(numpy_helper.from_array(w, node.input[1]))
+            return report
 
-        monkeypatch.setitem(onnx_fold._HANDLERS, "Conv", wrong)
+        monkeypatch.setattr(api, "fold_model", wrong)
 
     return install
 
 
 @pytest.fixture
 def verify_calls(monkeypatch):
-    """Counts verify() calls made by the safe loop (it imports bnfold.verify.verify at call time)."""
+    """Counts verify() calls made by the safe loop (it calls bnfold.verify.run.verify_with)."""
     calls = []
-    real = verify_module.verify
+    real = verify_run.verify_with
 
     def counting(*args, **kwargs):
         report = real(*args, **kwargs)
         calls.append(report)
         return report
 
-    monkeypatch.setattr(verify_module, "verify", counting)
+    monkeypatch.setattr(verify_run, "verify_with", counting)
     return calls
 
 
@@ -164,13 +159,13 @@ def test_fold_reverted_wholesale_is_not_described_as_diverged(rng, monkeypatch):
     """When a failure cannot be attributed to a fold, every fold is reverted; before the fix each
     got the sentence "its output diverged under onnxruntime (max rel error 1e-07, ...)" quoting
     its own tensor, which had matched."""
-    real = verify_module.verify
+    real = verify_run.verify_with
 
     def unattributed(*args, **kwargs):
         report = real(*args, **kwargs)
         return dataclasses.replace(report, status=VerifyStatus.FAILED, message="forced", first_divergent=())
 
-    monkeypatch.setattr(verify_module, "verify", unattributed)
+    monkeypatch.setattr(verify_run, "verify_with", unattributed)
     with pytest.raises(VerificationError) as err:
         fold_onnx(model_of(conv_chain(rng)), verify=True)
     skipped = err.value.result.report.skipped
@@ -220,7 +215,7 @@ def always_failing(*args, **kwargs) -> VerifyReport:
 def test_fold_path_that_cannot_pass_writes_nothing_unless_forced(rng, tmp_path, monkeypatch, force):
     src, dst = save(model_of(conv_chain(rng)), tmp_path / "src.onnx"), tmp_path / "out" / "dst.onnx"
     dst.parent.mkdir()
-    monkeypatch.setattr(verify_module, "verify", always_failing)
+    monkeypatch.setattr(verify_run, "verify_with", always_failing)
     if not force:
         with pytest.raises(VerificationError) as err:
             fold_path(src, dst)

@@ -1,4 +1,4 @@
-"""The static weights check (bnfold.verify_weights), through verify(): exact folds pass in every
+"""The static weights check (bnfold.verify.weights), through verify(): exact folds pass in every
 layout, a fold computed in float32 by another tool passes, errors far below float32 runtime
 noise fail at the right channel, and fold points it cannot model are left to the runtime."""
 
@@ -10,7 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from bnfold import VerifyStatus, fold_onnx, verify
-from bnfold.verify_weights import WEIGHT_ULPS
+from bnfold.verify import WEIGHT_ULPS
 from onnx_builders import G, conv_bn
 
 F32_EPS = float(np.finfo(np.float32).eps)

@@ -1,0 +1,249 @@
+"""The one place that folds, verifies, rolls back and writes.
+
+::
+
+    fold_onnx(model)  ─┐                      ┌─ fold (the pass, bnfold.onnx)
+    fold_path(src,dst)─┼─> fold_loaded(...) ──┼─ verify against the reference (bnfold.verify)
+    torch export      ─┘   or the file flow   ├─ revert the folds that diverge, verify again
+                                              └─ write: staged beside the output, moved in last
+
+:func:`fold_loaded` works on a loaded ``ModelProto`` (the CLI's torch path and
+:func:`bnfold.export` call it with a separate reference); :func:`fold_path` works file to file:
+it loads lazily (large initializers are never parsed into Python), saves the candidate into a
+staging folder beside the output, verifies the saved file against the source, and moves it into
+place only once it passed (or ``force``). ``in_place=True`` writes over the source the same way,
+so a failed or interrupted run leaves the source as it was.
+
+Every public function takes the six verification options as keywords (``inputs``, ``shapes``,
+``seed``, ``samples``, ``atol``, ``rtol``) or as one ``options=VerifyOptions(...)``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Collection, Sequence
+
+import onnx
+
+from .errors import InputError
+from .io import is_lazy, load_model, save_model
+from .onnx.fold import count_bn, fold_model
+from .report import FoldReport, FoldResult
+from .verify import VerifyOptions, fold_verified, verify_options
+from .verify.options import DEFAULT, InputsLike, Shapes
+
+__all__ = ["Progress", "analyze_onnx", "count_bn", "fold_loaded", "fold_onnx", "fold_path"]
+
+Progress = Callable[[str], None]
+"""Called with the step about to start: ``loading``, ``folding``, ``saving``, ``verifying``."""
+
+ModelOrPath = onnx.ModelProto | str | os.PathLike
+
+
+def fold_onnx(
+    model: ModelOrPath,
+    *,
+    inplace: bool = False,
+    base_dir: str | None = None,
+    exclude: Collection[str] = (),
+    verify: bool = False,
+    inputs: InputsLike | None = None,
+    shapes: Shapes | None = None,
+    seed: int = 0,
+    samples: int = 3,
+    atol: float | None = None,
+    rtol: float | None = None,
+    options: VerifyOptions | None = None,
+) -> FoldResult:
+    """Fold every foldable BatchNormalization of ``model``.
+
+    ``model`` is a ``ModelProto`` (copied unless ``inplace=True``) or a path (loaded; external
+    data is read relative to it). ``exclude`` lists BN output tensor names to leave alone.
+
+    With ``verify=True`` the folded model is checked against the original with onnxruntime at
+    ``ORT_DISABLE_ALL``, every fold whose tensors diverge is reverted (reason
+    ``verification-failed``), and the result is verified again; a model that still fails raises
+    :class:`~bnfold.errors.VerificationError` carrying the report.
+    """
+    opts = verify_options(
+        options, inputs=inputs, shapes=shapes, seed=seed, samples=samples, atol=atol, rtol=rtol
+    )
+    if isinstance(model, onnx.ModelProto):
+        source = model
+    elif isinstance(model, (str, os.PathLike)):
+        source = load_model(os.fspath(model))
+        if base_dir is None:
+            base_dir = os.path.dirname(os.path.abspath(os.fspath(model)))
+        inplace = True  # we own the freshly loaded copy
+    else:
+        raise InputError(f"fold_onnx: expected an onnx.ModelProto or a path, got {type(model).__name__}")
+    return fold_loaded(
+        source, inplace=inplace, base_dir=base_dir, exclude=exclude, verify=verify, options=opts
+    )
+
+
+def analyze_onnx(model: ModelOrPath, *, base_dir: str | None = None) -> FoldReport:
+    """What :func:`fold_onnx` would do, without changing ``model``: ``folded`` lists the BN
+    nodes that can still be folded, ``skipped`` those that would be left, with reasons."""
+    return fold_onnx(model, base_dir=base_dir).report
+
+
+def fold_loaded(
+    model: onnx.ModelProto,
+    *,
+    inplace: bool = False,
+    base_dir: str | None = None,
+    exclude: Collection[str] = (),
+    verify: bool = False,
+    options: VerifyOptions = DEFAULT,
+    force: bool = False,
+    reference: ModelOrPath | None = None,
+    intermediates: bool = True,
+) -> FoldResult:
+    """Fold a loaded model; with ``verify``, verify it against ``reference`` and roll back.
+
+    ``reference`` is what the folded model must compute: by default ``model`` as it was (it is
+    not changed before the verified result replaces it, when ``inplace``); a torch export passes
+    the ONNX export of the unfolded module instead. ``intermediates=False`` compares graph
+    outputs only (a reference whose tensor names mean something else). With ``force`` a result
+    that still fails verification is returned (its report says so) instead of raising
+    :class:`~bnfold.errors.VerificationError`.
+    """
+    start = time.perf_counter()
+    excluded = frozenset(exclude)
+    if not verify:
+        work = model if inplace else _copy(model)
+        report = fold_model(work, base_dir=base_dir, exclude=excluded)
+        return FoldResult(model=work, report=report, seconds=time.perf_counter() - start)
+
+    def make(excl: frozenset[str]) -> tuple[onnx.ModelProto, FoldReport, onnx.ModelProto]:
+        work = _copy(model)
+        rep = fold_model(work, base_dir=base_dir, exclude=excl)
+        return work, rep, work
+
+    done = fold_verified(
+        make,
+        model if reference is None else reference,
+        options=options,
+        exclude=excluded,
+        force=force,
+        intermediates=intermediates,
+    )
+    folded = done.payload
+    if inplace:
+        model.CopyFrom(folded)
+        folded = model
+    return FoldResult(
+        model=folded, report=done.report, verification=done.verification, seconds=time.perf_counter() - start
+    )
+
+
+def fold_path(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str] | None = None,
+    *,
+    in_place: bool = False,
+    verify: bool = True,
+    force: bool = False,
+    inputs: InputsLike | None = None,
+    shapes: Shapes | None = None,
+    seed: int = 0,
+    samples: int = 3,
+    atol: float | None = None,
+    rtol: float | None = None,
+    options: VerifyOptions | None = None,
+    external_data: bool | None = None,
+    exclude: Sequence[str] = (),
+    progress: Progress | None = None,
+) -> FoldResult:
+    """Fold ``src`` and write ``dst`` (or over ``src`` with ``in_place=True``); see the module docstring.
+
+    Raises :class:`~bnfold.errors.VerificationError` (nothing written) when the folded model
+    does not pass verification even after reverting the diverging folds, unless ``force``.
+    ``external_data``: None keeps the source's layout (a data file if it has one).
+
+    The returned ``FoldResult.model`` is the lazily loaded graph (large tensors are stubs that
+    point into ``src``); the model itself is the file written.
+    """
+    opts = verify_options(
+        options, inputs=inputs, shapes=shapes, seed=seed, samples=samples, atol=atol, rtol=rtol
+    )
+    start = time.perf_counter()
+    src = os.path.abspath(os.fspath(src))
+    if dst is None and not in_place:
+        raise InputError("fold_path: pass dst, or in_place=True")
+    dst = src if dst is None else os.path.abspath(os.fspath(dst))
+    if src == dst and not in_place:
+        raise InputError(f"{dst}: refusing to overwrite the input (write elsewhere, or use in-place mode)")
+    if in_place and dst != src:
+        raise InputError(f"fold_path: in_place=True writes over {src}; dst names another file ({dst})")
+    src_dir, dst_dir = os.path.dirname(src), os.path.dirname(dst) or "."
+    if not os.path.isdir(dst_dir):
+        raise InputError(f"{dst}: cannot write: directory {dst_dir} does not exist")
+    note = progress or (lambda _msg: None)
+
+    def make(excl: frozenset[str], out_path: str) -> tuple[str, FoldReport, onnx.ModelProto]:
+        note("loading")
+        model = load_model(src, lazy=True)
+        # "keep the input's layout" is decided on the source: a fold may replace every
+        # external tensor with a new in-memory one, and the output must still use a data file
+        layout = external_data
+        if layout is None and _uses_external_data(model):
+            layout = True
+        note("folding")
+        report = fold_model(model, base_dir=src_dir, exclude=excl)
+        note("saving")
+        save_model(model, out_path, source_dir=src_dir, external_data=layout)
+        return out_path, report, model
+
+    if not verify and not in_place:
+        _, report, model = make(frozenset(exclude), dst)
+        return FoldResult(model=model, report=report, seconds=time.perf_counter() - start)
+
+    staging = tempfile.mkdtemp(prefix=".bnfold-", dir=dst_dir)
+    try:
+        staged = os.path.join(staging, os.path.basename(dst))
+
+        def make_staged(excl: frozenset[str]) -> tuple[str, FoldReport, onnx.ModelProto]:
+            for leftover in os.listdir(staging):
+                os.remove(os.path.join(staging, leftover))
+            path, rep, model = make(excl, staged)
+            note("verifying")
+            return path, rep, model
+
+        if verify:
+            done = fold_verified(make_staged, src, options=opts, exclude=frozenset(exclude), force=force)
+            model, report, verification = done.payload, done.report, done.verification
+        else:
+            _, report, model = make(frozenset(exclude), staged)
+            verification = None
+        _publish(staging, dst)
+        return FoldResult(
+            model=model, report=report, verification=verification, seconds=time.perf_counter() - start
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: str, dst: str) -> None:
+    """Move every staged file beside ``dst``: data files first, the model last, so a reader never
+    sees a model without its data."""
+    name, directory = os.path.basename(dst), os.path.dirname(dst)
+    for entry in sorted(os.listdir(staging), key=lambda n: n == name):
+        os.replace(os.path.join(staging, entry), os.path.join(directory, entry))
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    """Whether the model stores tensors in external data files (lazy stubs do not count)."""
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL and not is_lazy(t) for t in model.graph.initializer
+    )
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out

@@ -1,0 +1,35 @@
+"""Prove a folded model computes what the original computes, with onnxruntime at ``ORT_DISABLE_ALL``.
+
+- :mod:`~bnfold.verify.options`: :class:`VerifyOptions`, the six options grouped once.
+- :mod:`~bnfold.verify.inputs`: the inputs both models are fed (seeded draws, ``.npz``, ``.pb``).
+- :mod:`~bnfold.verify.models`: loading the models into onnxruntime sessions.
+- :mod:`~bnfold.verify.compare`: the metric, the default tolerances, where divergence starts.
+- :mod:`~bnfold.verify.weights`: the static check of each fold point's weights.
+- :mod:`~bnfold.verify.run`: :func:`verify` itself.
+- :mod:`~bnfold.verify.rollback`: fold, verify, revert the folds that diverge, verify again.
+"""
+
+from __future__ import annotations
+
+from .compare import CHANNEL_SCALE_FLOOR, DEFAULT_RTOL
+from .inputs import load_inputs, make_inputs
+from .options import VerifyOptions, verify_options
+from .rollback import Verified, fold_verified
+from .run import verify, verify_with
+from .weights import WEIGHT_ULPS, WeightCheck, check_weights
+
+__all__ = [
+    "CHANNEL_SCALE_FLOOR",
+    "DEFAULT_RTOL",
+    "WEIGHT_ULPS",
+    "Verified",
+    "VerifyOptions",
+    "WeightCheck",
+    "check_weights",
+    "fold_verified",
+    "load_inputs",
+    "make_inputs",
+    "verify",
+    "verify_options",
+    "verify_with",
+]

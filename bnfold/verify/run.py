@@ -1,0 +1,203 @@
+"""Prove a folded model computes what the original computes, with onnxruntime.
+
+Both models run on onnxruntime's CPUExecutionProvider at ``ORT_DISABLE_ALL``: at any higher
+level onnxruntime fuses Conv+BatchNormalization itself, and the reference would be a folded
+model too. The candidate is also loaded and run once at onnxruntime's default level
+(``ORT_ENABLE_ALL``), reported as ``candidate_runs_optimized``.
+
+What is compared
+    The graph outputs (matched by name, or by position when the names differ), and every
+    *intermediate* tensor that both main graphs produce under the same name with the same
+    known float type. The fold pass keeps each BN's output name (the absorbing Conv/Gemm
+    now writes it), so the intermediates are exactly the fold points and everything between
+    them; a wrong fold shows up at its own tensor, and ``first_divergent`` names the failing
+    tensors none of whose failing ancestors (in the reference graph) explain them.
+
+    At each fold point (a name the reference writes with a BatchNormalization and the
+    candidate with a Conv/ConvTranspose/Gemm) the candidate's stored weights are also checked
+    statically against the reference's layer and BN folded in float64, to 4 ulps of the weight
+    dtype (:mod:`bnfold.verify.weights`, reported in ``weights``). This check sees no runtime
+    noise: it catches what float32 noise hides, and fails a fold of a training-mode BN outright.
+
+The metric and the default tolerances are in :mod:`bnfold.verify.compare`; the inputs in
+:mod:`bnfold.verify.inputs`.
+
+Limits
+    Every shared intermediate becomes a graph output, so onnxruntime keeps them all alive:
+    memory grows with the activations of one sample (``intermediates=False`` avoids it).
+    Tensors inside If/Loop bodies, bfloat16 intermediates and tensors of unknown type are
+    not compared; fold points inside subgraphs, MatMul->Add folds and bfloat16 weights are
+    not checked statically.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from typing import Any
+
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from ..report import InputSpec, VerifyReport, VerifyStatus
+from .compare import TensorStats, failure_summary, first_divergent, in_graph_order
+from .inputs import declared_inputs, generated_samples, user_samples
+from .models import (
+    PROVIDER,
+    ModelLike,
+    NotRun,
+    OrtModel,
+    first_line,
+    open_model,
+    run,
+    session,
+    shared_intermediates,
+)
+from .options import InputsLike, Shapes, VerifyOptions, verify_options
+from .weights import WeightCheck, check_weights
+
+__all__ = ["verify", "verify_with"]
+
+log = logging.getLogger(__name__)
+
+
+def verify(
+    reference: ModelLike,
+    candidate: ModelLike,
+    *,
+    inputs: InputsLike | None = None,
+    shapes: Shapes | None = None,
+    seed: int = 0,
+    samples: int = 3,
+    atol: float | None = None,
+    rtol: float | None = None,
+    intermediates: bool = True,
+    options: VerifyOptions | None = None,
+) -> VerifyReport:
+    """Run ``reference`` and ``candidate`` on the same inputs and compare outputs and shared tensors.
+
+    ``inputs``: one sample (name -> array), a list of samples, an ``.npz`` or a ``.pb`` folder
+    (see :func:`load_inputs`); by default ``samples`` draws seeded from ``seed``. ``shapes``
+    fixes symbolic dimensions ({"input": (1, 3, 224, 224)}); an unresolved dimension 0 is 1.
+    ``atol``/``rtol`` replace the per-dtype defaults (:mod:`bnfold.verify.compare`) for float
+    tensors, and loosen (never tighten) the static weights check. ``options`` gives all six at
+    once (:class:`VerifyOptions`), instead of the keywords. ``intermediates=False`` compares the
+    graph outputs only: no shared tensors, no weights check.
+
+    Raises ShapeError for a dimension nothing fixes, InputError for unusable inputs or
+    files. A model onnxruntime cannot load or run gives status NOT_RUN, never PASSED.
+    """
+    opts = verify_options(
+        options, inputs=inputs, shapes=shapes, seed=seed, samples=samples, atol=atol, rtol=rtol
+    )
+    return verify_with(reference, candidate, opts, intermediates=intermediates)
+
+
+def verify_with(
+    reference: ModelLike, candidate: ModelLike, options: VerifyOptions, *, intermediates: bool = True
+) -> VerifyReport:
+    """:func:`verify` with its options in one :class:`VerifyOptions`."""
+    start = time.perf_counter()
+    ref, cand = open_model(reference, "reference"), open_model(candidate, "candidate")
+    atol, rtol = options.atol, options.rtol
+    fields: dict[str, Any] = {"onnxruntime_version": ort.__version__, "provider": PROVIDER}
+
+    def finish(status: VerifyStatus, message: str = "") -> VerifyReport:
+        return VerifyReport(status=status, message=message, seconds=time.perf_counter() - start, **fields)
+
+    try:
+        decls = declared_inputs(ref.graph)
+        if options.inputs is None:
+            feeds = generated_samples(decls, options.shapes, options.seed, options.samples)
+            fields.update(seed=options.seed, input_source="generated")
+        else:
+            feeds, fields["input_source"] = user_samples(options.inputs, decls)
+        first = feeds[0]
+        fields["samples"] = len(feeds)
+        fields["inputs"] = tuple(
+            InputSpec(d.name, first[d.name].shape, first[d.name].dtype.name) for d in decls
+        )
+        if any(d.elem_type == TensorProto.BFLOAT16 for d in decls):
+            raise NotRun("onnxruntime's Python API cannot pass bfloat16 tensors")
+        cand_inputs = declared_inputs(cand.graph)
+    except NotRun as e:
+        return finish(VerifyStatus.NOT_RUN, str(e))
+
+    known = {d.name: d.elem_type for d in decls}
+    strangers = [d.name for d in cand_inputs if known.get(d.name) != d.elem_type]
+    if strangers:
+        return finish(
+            VerifyStatus.FAILED,
+            f"candidate input(s) {strangers} are not inputs of that type in the reference",
+        )
+    ref_outs, cand_outs = [o.name for o in ref.graph.output], [o.name for o in cand.graph.output]
+    if len(ref_outs) != len(cand_outs):
+        return finish(
+            VerifyStatus.FAILED, f"the reference has {len(ref_outs)} outputs, the candidate {len(cand_outs)}"
+        )
+    notes = []
+    if ref_outs != cand_outs:
+        renamed = ", ".join(f"{r}->{c}" for r, c in zip(ref_outs, cand_outs) if r != c)
+        notes.append(f"outputs matched by position ({renamed})")
+
+    shared = shared_intermediates(ref, cand) if intermediates else {}
+    fields["compared_on"] = "outputs+intermediates" if shared else "outputs"
+    stats = [TensorStats(n, "output", atol, rtol) for n in ref_outs] + [
+        TensorStats(n, "intermediate", atol, rtol) for n in shared
+    ]
+    extra = [helper.make_tensor_value_info(n, t, None) for n, t in shared.items()]
+    cand_feeds = [{d.name: feed[d.name] for d in cand_inputs} for feed in feeds]
+    level = ort.GraphOptimizationLevel
+    with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as tmp:
+        try:
+            ref.prepare(tmp)
+            cand.prepare(tmp)
+            ref_sess = session(ref, extra, level.ORT_DISABLE_ALL)
+            cand_sess = session(cand, extra, level.ORT_DISABLE_ALL)
+            for feed, cand_feed in zip(feeds, cand_feeds):
+                for s, r, c in zip(stats, run(ref_sess, ref, feed), run(cand_sess, cand, cand_feed)):
+                    s.add(r, c)
+            del ref_sess, cand_sess
+        except NotRun as e:
+            return finish(VerifyStatus.NOT_RUN, str(e))
+        try:
+            run(session(cand, (), level.ORT_ENABLE_ALL), cand, cand_feeds[0])
+            fields["candidate_runs_optimized"] = True
+        except NotRun as e:
+            fields["candidate_runs_optimized"] = False
+            notes.append(f"at ORT_ENABLE_ALL: {e}")
+
+    diffs = [s.result() for s in stats]
+    weights = _weights(ref, cand, atol, rtol) if intermediates else []
+    fields["outputs"] = tuple(d for d in diffs if d.kind == "output")
+    fields["intermediates"] = tuple(d for d in diffs if d.kind == "intermediate")
+    fields["weights"] = tuple(w.diff for w in weights)
+    failing = [d.name for d in diffs if not d.passed]
+    bad_weights = [w for w in weights if not w.diff.passed]
+    if not failing and not bad_weights:
+        return finish(VerifyStatus.PASSED, "; ".join(notes))
+    first = first_divergent(ref.graph, failing) or tuple(failing)
+    fields["first_divergent"] = in_graph_order(ref.graph, [*first, *(w.diff.name for w in bad_weights)])
+    problem = next((s.problem for s in stats if s.problem), "")
+    summary = problem or (failure_summary(diffs, failing, first) if failing else "")
+    return finish(
+        VerifyStatus.FAILED, "; ".join(p for p in [summary, *(w.problem for w in bad_weights), *notes] if p)
+    )
+
+
+def _weights(ref: OrtModel, cand: OrtModel, atol: float | None, rtol: float | None) -> list[WeightCheck]:
+    """The static check of every fold point (bnfold.verify.weights); if it cannot read a graph,
+    the fold points are left to the runtime comparison."""
+    try:
+        return check_weights(
+            ref.proto,
+            cand.proto,
+            reference_dir=ref.directory,
+            candidate_dir=cand.directory,
+            atol=atol,
+            rtol=rtol,
+        )
+    except Exception as e:  # noqa: BLE001 - a graph it cannot read is left to the runtime comparison
+        log.debug("weights check skipped: %s", first_line(e))
+        return []

@@ -1,0 +1,281 @@
+"""Static check of fold points: are the candidate's weights the reference's BN, folded exactly?
+
+The runtime comparison in :mod:`bnfold.verify.run` cannot see an error smaller than float32
+noise: dropping ``epsilon`` = 1e-5 changes a fold by ~5e-6 relative, and reassociation noise
+of a correct fold reaches ~8e-6. The weights themselves carry no such noise, so at each fold
+point this module recomputes the fold from the reference's constants and compares it to the
+candidate's stored values, independent of any input.
+
+A fold point is a tensor name ``y`` that the reference computes as
+``BatchNormalization(P(x, W, b))`` and the candidate as ``P'(x, W', b')``, where P and P' are
+the same Conv, ConvTranspose or Gemm (or P is a MatMul and P' the Gemm the pass turns it
+into), reading the same ``x``, with the same attributes (Gemm's ``beta`` aside), and all
+weights and BN parameters constant. With ``s = gamma / sqrt(var + eps)`` and
+``t = beta - mean * s`` computed in float64 (:mod:`bnfold.fold_math`, the same arithmetic
+as the pass), every element must satisfy::
+
+    |W' - W*s|        <= rtol * |W*s|                            (+ the dtype's tiny)
+    |b' - (b*s + t)|  <= rtol * (|b*s| + |beta| + |mean*s|)      (+ the dtype's tiny)
+
+with ``rtol = WEIGHT_ULPS * eps(dtype of W')``: 4.8e-7 for float32, 3.9e-3 for float16.
+bnfold rounds each value once (half an ulp, 6e-8 for float32); a fold computed in the
+weight's own dtype (torch's ``fuse_conv_bn_weights``, other tools) rounds a few times and
+stays within 2 ulps. The bias bound is relative to the magnitudes summed, since ``b*s + t``
+may cancel to nearly zero. A user's ``atol``/``rtol`` (verify's arguments) loosen the check,
+never tighten it below ``rtol`` above.
+
+A candidate that folds a BN the reference runs in training mode (``training_mode=1``,
+``is_test=0`` at opset <= 6, statistics outputs declared at opset < 14) or with
+``spatial=0`` fails outright: no constant weights reproduce batch or per-element statistics.
+
+Fold points the check cannot model (MatMul -> Add folds, different inputs or attributes,
+weights computed at run time, bfloat16 weights, per-row Gemm ``C``) are left to the runtime
+comparison; :func:`check_weights` skips them and logs why at debug level.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .. import fold_math
+from ..onnx.constants import NotConstant
+from ..onnx.graph import Scope, main_scope
+from ..onnx.sources import inference_problem
+from ..report import TensorDiff
+
+__all__ = ["WEIGHT_ULPS", "WeightCheck", "check_weights"]
+
+log = logging.getLogger(__name__)
+
+WEIGHT_ULPS = 4
+"""Tolerance of the weights check in units of the weight dtype's machine epsilon."""
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_ABSORBERS = ("Conv", "ConvTranspose", "Gemm")
+_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+@dataclass(frozen=True)
+class WeightCheck:
+    """One fold point's check: the diff (kind ``weights``) and, when it failed, why."""
+
+    diff: TensorDiff
+    problem: str = ""
+
+
+class _Skip(Exception):
+    """This fold point cannot be checked statically; the runtime comparison still applies."""
+
+
+def check_weights(
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    *,
+    reference_dir: str | None = None,
+    candidate_dir: str | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> list[WeightCheck]:
+    """Check every fold point of ``candidate`` against ``reference``, in candidate graph order.
+
+    ``*_dir``: where the models' external data (or lazy stubs) are read from.
+    """
+    ref_scope = main_scope(reference, reference_dir)
+    cand_scope = main_scope(candidate, candidate_dir)
+    opset = ref_scope.index.opset
+    checks = []
+    for node in candidate.graph.node:
+        if node.domain not in _DEFAULT_DOMAINS or node.op_type not in _ABSORBERS or not node.output:
+            continue
+        y = node.output[0]
+        bn = ref_scope.producer.get(y)
+        if bn is None or bn.op_type != "BatchNormalization" or bn.domain not in _DEFAULT_DOMAINS:
+            continue
+        try:
+            checks.append(_check_one(ref_scope, cand_scope, opset, bn, node, atol, rtol))
+        except _Skip as e:
+            log.debug("fold point %r not checked statically: %s", y, e)
+        finally:  # weights can be large: keep none of them between fold points
+            ref_scope.const_cache.clear()
+            cand_scope.const_cache.clear()
+    return checks
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _constant(scope: Scope, name: str) -> np.ndarray:
+    try:
+        return np.asarray(scope.constant(name, what="weight"))
+    except NotConstant as e:
+        raise _Skip(e.detail) from None
+    except Exception as e:  # noqa: BLE001 - unreadable data: the runtime comparison reports it
+        raise _Skip(f"{name!r} cannot be read: {e}") from None
+
+
+def _input(node: onnx.NodeProto, i: int) -> str:
+    return node.input[i] if len(node.input) > i else ""
+
+
+def _layout(ref: onnx.NodeProto, cand: onnx.NodeProto) -> tuple[int, int]:
+    """The weight's (output-channel axis, groups), once both nodes are known to compute alike."""
+    ra, ca = _attrs(ref), _attrs(cand)
+    if ref.op_type == "MatMul":
+        if cand.op_type != "Gemm" or any(
+            ca.get(k, d) != d for k, d in (("alpha", 1.0), ("transA", 0), ("transB", 0))
+        ):
+            raise _Skip("a MatMul folded into something other than a plain Gemm")
+        return 1, 1
+    if ref.op_type != cand.op_type:
+        raise _Skip(f"{ref.op_type} in the reference, {cand.op_type} in the candidate")
+    if ref.op_type == "Gemm":
+        for key, default in (("alpha", 1.0), ("transA", 0), ("transB", 0)):
+            if ra.get(key, default) != ca.get(key, default):
+                raise _Skip(f"Gemm attribute {key} differs")
+        return (0 if ra.get("transB", 0) else 1), 1
+    if ra != ca:
+        raise _Skip(f"{ref.op_type} attributes differ")
+    return (1, int(ra.get("group", 1))) if ref.op_type == "ConvTranspose" else (0, 1)
+
+
+def _bias(scope: Scope, node: onnx.NodeProto, channels: int) -> np.ndarray | None:
+    """The per-channel bias a layer adds (Gemm: ``beta * C``), float64; None when it has none."""
+    name = _input(node, 2) if node.op_type != "MatMul" else ""
+    if not name:
+        return None
+    value = _constant(scope, name)
+    if node.op_type != "Gemm":
+        if value.shape != (channels,):
+            raise _Skip(f"bias has shape {value.shape}")
+        return value.astype(np.float64)
+    vec = fold_math.channel_vector(value, channels)
+    if vec is None:
+        raise _Skip(f"Gemm C of shape {value.shape} is not per output column")
+    return vec * float(np.float32(_attrs(node).get("beta", 1.0)))
+
+
+def _along(per_channel: np.ndarray, shape: tuple[int, ...], axis: int, groups: int) -> np.ndarray:
+    """A per-output-channel vector broadcast against a weight of ``shape``."""
+    if groups > 1:
+        g = per_channel.reshape(groups, 1, shape[1], *([1] * (len(shape) - 2)))
+        return np.broadcast_to(g, (groups, shape[0] // groups, *shape[1:])).reshape(shape)
+    dims = [1] * len(shape)
+    dims[axis] = per_channel.shape[0]
+    return per_channel.reshape(dims)
+
+
+def _per_channel(a: np.ndarray, axis: int, groups: int) -> np.ndarray:
+    """Max of ``a`` (shaped like the weight) per output channel."""
+    if groups > 1:
+        g = a.reshape((groups, a.shape[0] // groups, a.shape[1], -1))
+        return g.max(axis=(1, 3)).reshape(-1)
+    return a.max(axis=tuple(i for i in range(a.ndim) if i != axis)) if a.ndim > 1 else a
+
+
+def _check_one(
+    ref: Scope,
+    cand: Scope,
+    opset: int,
+    bn: onnx.NodeProto,
+    node: onnx.NodeProto,
+    atol: float | None,
+    rtol: float | None,
+) -> WeightCheck:
+    y = node.output[0]
+    w_new = _constant(cand, _input(node, 1))
+    if w_new.dtype not in _DTYPES:
+        raise _Skip(f"weight dtype {w_new.dtype}")
+    shape, dtype = tuple(w_new.shape), w_new.dtype.name
+    training = inference_problem(bn, opset, used=False)
+    if training is not None:
+        size = w_new.size + (w_new.shape[0] if w_new.ndim else 0)
+        diff = TensorDiff(
+            y, "weights", shape, dtype, math.inf, math.inf, math.inf, size, size, 0.0, 0.0, False
+        )
+        return WeightCheck(diff, f"'{y}' is folded, but the reference BN cannot be: {training.detail}")
+
+    producer = ref.producer.get(bn.input[0])
+    if producer is None or producer.domain not in _DEFAULT_DOMAINS:
+        raise _Skip("the reference BN has no producer")
+    if producer.op_type not in (*_ABSORBERS, "MatMul"):
+        raise _Skip(f"the reference BN follows {producer.op_type}")
+    if _input(producer, 0) != _input(node, 0):
+        raise _Skip("the layers read different inputs")
+    axis, groups = _layout(producer, node)
+    gamma, beta, mean, var = (_constant(ref, n).astype(np.float64).reshape(-1) for n in bn.input[1:5])
+    eps = float(_attrs(bn).get("epsilon", fold_math.DEFAULT_EPSILON))
+    aff = fold_math.bn_affine(gamma, beta, mean, var, eps)
+    w = _constant(ref, _input(producer, 1))
+    if w.ndim < 2 or w.shape[axis] * max(1, groups) != aff.channels:
+        raise _Skip(f"weight {w.shape} does not match {aff.channels} BN channels")
+    try:
+        w_exp = fold_math.scale_weight(w, aff.scale, axis=axis, groups=groups)
+    except ValueError as e:
+        raise _Skip(str(e)) from None
+    b = _bias(ref, producer, aff.channels)
+    b_exp = fold_math.fold_bias(b, aff)
+    b_terms = (
+        np.abs(aff.scale) * (np.abs(b) if b is not None else 0.0) + np.abs(beta) + np.abs(mean * aff.scale)
+    )
+    b_new = _bias(cand, node, aff.channels)
+    if b_new is None:
+        b_new = np.zeros(aff.channels)
+
+    finfo = np.finfo(w_new.dtype)
+    tol = WEIGHT_ULPS * float(finfo.eps)
+    tol = max(tol, float(rtol)) if rtol is not None else tol
+    floor = float(finfo.tiny) + (float(atol) if atol is not None else 0.0)
+    size = w_new.size + aff.channels
+    if w_new.shape != w_exp.shape:
+        diff = TensorDiff(
+            y, "weights", shape, dtype, math.inf, math.inf, math.inf, size, size, 0.0, tol, False
+        )
+        return WeightCheck(
+            diff, f"'{y}': folded weight has shape {shape}, the reference's fold {w_exp.shape}"
+        )
+
+    # The epsilon attribute is a float32: accept any eps that rounds to it (a fold computed with
+    # the decimal 1e-5 instead of float32(1e-5) is 1e-14 off, 60 float64 ulps).
+    eps_slack = float(np.spacing(np.float32(eps))) / 2 / (2 * (var + float(np.float32(eps))))
+    w_tol = tol + _along(eps_slack, w_exp.shape, axis, groups)
+    w_err = np.abs(w_new.astype(np.float64) - w_exp)
+    b_err = np.abs(b_new - b_exp)
+    w_den, b_den = np.abs(w_exp), b_terms
+    w_bad = ~(w_err <= w_tol * w_den + floor)  # NaN counts as bad
+    b_bad = ~(b_err <= (tol + eps_slack) * b_den + floor)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w_rel = w_err / np.maximum(w_den, finfo.tiny)
+        b_rel = b_err / np.maximum(b_den, finfo.tiny)
+    channel_rel = np.maximum(_per_channel(w_rel, axis, groups), b_rel)
+    mismatched = int(np.count_nonzero(w_bad)) + int(np.count_nonzero(b_bad))
+    max_rel = float(np.max(channel_rel)) if channel_rel.size else 0.0
+    worst = int(np.argmax(channel_rel)) if channel_rel.size else None
+    diff = TensorDiff(
+        name=y,
+        kind="weights",
+        shape=shape,
+        dtype=dtype,
+        max_abs=float(max(w_err.max(initial=0.0), b_err.max(initial=0.0))),
+        max_rel=max_rel,
+        mean_abs=float((w_err.sum() + b_err.sum()) / size) if size else 0.0,
+        mismatched=mismatched,
+        total=size,
+        atol=float(atol or 0.0),
+        rtol=tol,
+        passed=mismatched == 0,
+        worst_channel=worst,
+    )
+    if not mismatched:
+        return WeightCheck(diff)
+    return WeightCheck(
+        diff,
+        f"folded weights at '{y}' differ from the reference's BN folded in float64 "
+        f"({mismatched} of {size} values, max rel {max_rel:.3g} in channel {worst}, rtol {tol:.2g})",
+    )

@@ -1,0 +1,136 @@
+"""bnfold.api end to end: fold_path (lazy load, fold, atomic save, verification, layout kept, source
+untouched; in place), the verification options as keywords or one VerifyOptions, fold_loaded against
+a separate reference."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from bnfold import VerificationError, VerifyReport, VerifyStatus, count_bn
+from bnfold.api import fold_loaded, fold_onnx, fold_path
+from bnfold.errors import InputError
+from bnfold.verify import VerifyOptions
+from bnfold.verify import run as verify_run
+from conftest import assert_close, run_ort
+from onnx_builders import conv_bn
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def write_model(rng, folder: Path, *, external: bool) -> tuple[Path, dict[str, np.ndarray]]:
+    """Conv(64->64, 3x3: 147 KB of weights, above the lazy/external thresholds) -> BN -> Relu."""
+    g = conv_bn(rng, cin=64, cout=64)
+    folder.mkdir()
+    path = folder / "model.onnx"
+    onnx.save(
+        g.model(), str(path), save_as_external_data=external, location="model.onnx.data", size_threshold=1024
+    )
+    return path, {"x": g.feeds["x"]}
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["embedded", "external-data"])
+@pytest.mark.parametrize("verify", [True, False], ids=["verified", "unverified"])
+def test_fold_path_folds_keeps_layout_and_leaves_the_source_alone(rng, tmp_path, external, verify):
+    src, feeds = write_model(rng, tmp_path / "src", external=external)
+    before = digest(src.parent)
+    dst = tmp_path / "out" / "folded.onnx"
+    dst.parent.mkdir()
+    result = fold_path(src, dst, verify=verify)
+
+    assert digest(src.parent) == before, "the source model or its data file changed"
+    assert len(result.report.folded) == 1
+    assert (result.verification is not None) == verify
+    if verify:
+        assert result.verification.passed
+    assert sorted(os.listdir(dst.parent)) == (
+        ["folded.onnx", "folded.onnx.data"] if external else ["folded.onnx"]
+    )
+    folded = onnx.load(str(dst))
+    assert count_bn(folded) == 0
+    onnx.checker.check_model(str(dst), full_check=True)
+    assert_close(run_ort(str(src), feeds), run_ort(str(dst), feeds))
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verified", "unverified"])
+def test_fold_path_needs_an_existing_output_directory(rng, tmp_path, verify):
+    src, _ = write_model(rng, tmp_path / "src", external=False)
+    with pytest.raises(InputError, match="does not exist"):
+        fold_path(src, tmp_path / "missing" / "folded.onnx", verify=verify)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_fold_path_refuses_to_overwrite_its_input(rng, tmp_path):
+    src, _ = write_model(rng, tmp_path / "src", external=False)
+    before = digest(src.parent)
+    with pytest.raises(InputError, match="refusing to overwrite"):
+        fold_path(src, src)
+    assert digest(src.parent) == before
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["embedded", "external-data"])
+@pytest.mark.parametrize("verify", [True, False], ids=["verified", "unverified"])
+def test_fold_path_in_place_replaces_the_source_with_its_fold(rng, tmp_path, external, verify):
+    src, feeds = write_model(rng, tmp_path / "src", external=external)
+    expected = run_ort(str(src), feeds)
+    result = fold_path(src, in_place=True, verify=verify)
+    assert len(result.report.folded) == 1 and (result.verification is not None) == verify
+    assert sorted(os.listdir(src.parent)) == (
+        ["model.onnx", "model.onnx.data"] if external else ["model.onnx"]
+    )
+    assert count_bn(onnx.load(str(src))) == 0
+    onnx.checker.check_model(str(src), full_check=True)
+    assert_close(expected, run_ort(str(src), feeds))
+
+
+def test_fold_path_in_place_that_fails_verification_leaves_the_source_as_it_was(rng, tmp_path, monkeypatch):
+    src, _ = write_model(rng, tmp_path / "src", external=True)
+    before = digest(src.parent)
+    failing = VerifyReport(status=VerifyStatus.FAILED, message="forced failure (test)")
+    monkeypatch.setattr(verify_run, "verify_with", lambda *a, **k: failing)
+    with pytest.raises(VerificationError, match="forced failure"):
+        fold_path(src, in_place=True)
+    assert digest(src.parent) == before
+
+
+def test_fold_path_in_place_names_no_other_file(rng, tmp_path):
+    src, _ = write_model(rng, tmp_path / "src", external=False)
+    with pytest.raises(InputError, match="in_place"):
+        fold_path(src, tmp_path / "other.onnx", in_place=True)
+    with pytest.raises(InputError, match="in_place"):
+        fold_path(src)
+
+
+def test_options_as_one_verify_options_or_as_keywords_give_the_same_run(rng):
+    model = conv_bn(rng).model()
+    by_keywords = fold_onnx(model, verify=True, seed=3, samples=2, rtol=1e-3).verification
+    by_options = fold_onnx(
+        model, verify=True, options=VerifyOptions(seed=3, samples=2, rtol=1e-3)
+    ).verification
+    for v in (by_keywords, by_options):
+        assert v.passed and (v.seed, v.samples) == (3, 2) and v.outputs[0].rtol == 1e-3
+    assert [d.max_abs for d in by_keywords.intermediates] == [d.max_abs for d in by_options.intermediates]
+
+
+def test_options_and_keywords_together_are_refused(rng):
+    with pytest.raises(InputError, match="not both"):
+        fold_onnx(conv_bn(rng).model(), verify=True, seed=1, options=VerifyOptions(seed=2))
+
+
+def test_fold_loaded_verifies_against_a_separate_reference(rng):
+    """The torch export's shape: the candidate was exported from a module folded already, the
+    reference is the export of the unfolded module; their intermediate names need not agree."""
+    g = conv_bn(rng)
+    reference = g.model()
+    candidate = g.model()
+    result = fold_loaded(candidate, reference=reference, verify=True, intermediates=False, inplace=True)
+    assert result.model is candidate and count_bn(candidate) == 0
+    assert result.verification.passed and result.verification.compared_on == "outputs"
+    assert not result.verification.intermediates and not result.verification.weights
