@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from cli_builders import conv_bn_model, save
 from onnx import helper
-from test_check import conv_bn_model, save
 from typer.testing import CliRunner
 
 from bnfold.cli import app, normalize_json_args, parse_shape
@@ -327,7 +327,7 @@ def test_verification_that_cannot_pass_writes_nothing_unless_force(
 def test_failed_verification_renders_the_failing_tensors() -> None:
     from rich.console import Console
 
-    from bnfold.render import FoldOutcome, fold_summary
+    from bnfold.cli.render import FoldOutcome, fold_summary
 
     bad = TensorDiff(
         name="y",
@@ -453,12 +453,12 @@ def test_debug_shows_the_traceback_then_the_line(tmp_path: Path) -> None:
 
 
 def test_internal_error_is_exit_3_with_a_hint(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import bnfold.pipeline
+    import bnfold.api
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(bnfold.pipeline, "fold_path", broken)
+    monkeypatch.setattr(bnfold.api, "fold_path", broken)
     result = runner.invoke(app, [str(model), "-o", str(model.with_name("f.onnx"))])
     assert result.exit_code == 3
     assert_one_error_line(result.stderr, "internal error: RuntimeError: boom", "--debug")

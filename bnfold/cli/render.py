@@ -1,15 +1,10 @@
-"""How the CLI shows results: rich renderables for people, JSON documents for machines.
-
-Everything takes the report objects of :mod:`bnfold.report` / :mod:`bnfold.check` and returns
-something to print; the caller picks the console (stdout, stderr) and decides when to print.
-"""
+"""How the CLI shows results to people: rich renderables built from the outcomes of
+:mod:`bnfold.cli.results` and the reports of :mod:`bnfold.report`. The caller picks the console
+(stdout, stderr) and decides when to print; JSON documents are the results' own ``to_dict``."""
 
 from __future__ import annotations
 
-import importlib.metadata
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Sequence
 
 from rich import box
 from rich.console import Group, RenderableType
@@ -17,96 +12,17 @@ from rich.filesize import decimal as human_bytes
 from rich.table import Table
 from rich.text import Text
 
-from bnfold.check import CheckResult, CheckStatus, ModelCheck, ModelStats
-from bnfold.report import Folded, FoldReport, Skipped, TensorDiff, VerifyReport, VerifyStatus, jsonable
-
-SCHEMA_VERSION = 1
-"""Version of the JSON documents below; bumped when a key changes meaning or disappears."""
+from bnfold.cli.results import CheckResult, CheckStatus, FoldOutcome, ModelCheck
+from bnfold.report import Folded, FoldReport, Skipped, TensorDiff, VerifyReport, VerifyStatus
 
 _BRIEF_LIMIT = 10
 """Items listed per section without --verbose."""
 
-
-def bnfold_version() -> str:
-    try:
-        return importlib.metadata.version("bnfold")
-    except importlib.metadata.PackageNotFoundError:  # running from a source tree
-        return "0+unknown"
-
-
-def versions_line() -> str:
-    """``bnfold 0.1.0 (onnx 1.23.2, onnxruntime 1.31.1, torch 2.13.0)``, without importing them."""
-    parts = []
-    for dist in ("onnx", "onnxruntime", "torch"):
-        try:
-            parts.append(f"{dist} {importlib.metadata.version(dist)}")
-        except importlib.metadata.PackageNotFoundError:
-            if dist != "torch":
-                parts.append(f"{dist} missing")
-    return f"bnfold {bnfold_version()} ({', '.join(parts)})"
-
-
-def envelope(command: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """The top level shared by every JSON document: schema and tool version, then the payload."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "bnfold_version": bnfold_version(),
-        "command": command,
-        **payload,
-    }
-
-
-def stats_dict(stats: ModelStats | None) -> dict[str, Any] | None:
-    if stats is None:
-        return None
-    return {"nodes": stats.nodes, "batchnorm": stats.batchnorm, "bytes": stats.bytes}
+_STATUS_STYLE = {"passed": "green", "failed": "bold red", "not-run": "bold yellow"}
 
 
 # --------------------------------------------------------------------------------------------
 # fold
-
-
-@dataclass(frozen=True)
-class FoldOutcome:
-    """Everything the CLI knows after ``bnfold MODEL``: what ran, what was written, and why not."""
-
-    source: str
-    output: str
-    written: bool
-    exit_code: int
-    report: FoldReport | None = None
-    """The ONNX fold (for PyTorch inputs: the fold of the exported graph)."""
-    module_report: FoldReport | None = None
-    """PyTorch inputs only: the module-level fold."""
-    verification: VerifyReport | None = None
-    before: ModelStats | None = None
-    after: ModelStats | None = None
-    seconds: float = 0.0
-    error: str | None = None
-    """Why nothing was written (verification failed) or why the exit code is 1 (--strict)."""
-    strict: bool = False
-    export: Mapping[str, Any] | None = None
-    """PyTorch inputs only: ``ExportResult.extra`` (exporter, ``torch_vs_onnx`` comparison)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return envelope(
-            "fold",
-            {
-                "input": self.source,
-                "output": self.output,
-                "written": self.written,
-                "exit_code": self.exit_code,
-                "error": self.error,
-                "strict": self.strict,
-                "seconds": self.seconds,
-                "before": stats_dict(self.before),
-                "after": stats_dict(self.after),
-                "report": self.report.to_dict() if self.report else None,
-                "module_report": self.module_report.to_dict() if self.module_report else None,
-                "verification": self.verification.to_dict() if self.verification else None,
-                "export": jsonable(dict(self.export)) if self.export is not None else None,
-            },
-        )
 
 
 def fold_summary(outcome: FoldOutcome, *, verbose: bool = False) -> RenderableType:
@@ -119,7 +35,7 @@ def fold_summary(outcome: FoldOutcome, *, verbose: bool = False) -> RenderableTy
         parts.append(_bn_section("BatchNormalization", outcome.report, verbose=verbose))
     parts.append(verification_section(outcome.verification, verbose=verbose))
     torch_check = (outcome.export or {}).get("torch_vs_onnx")
-    if torch_check:
+    if isinstance(torch_check, VerifyReport):
         parts.append(_torch_line(torch_check))
     parts.append(_stats_line(outcome))
     if outcome.written:
@@ -150,33 +66,29 @@ def bn_table(
 ) -> Group:
     """One line per BN: ``folded``/``foldable`` with the layer that absorbs it, ``left`` with the
     reason code and sentence. Without ``verbose`` each kind stops after a few lines."""
-    lines: list[Text] = []
     width = max(len(folded_label), len("left")) + 2
     limit = None if verbose else _BRIEF_LIMIT
-    for f in folded[:limit]:
-        where = f" [{f.graph}]" if f.graph else ""
-        lines.append(
-            Text.assemble(
-                (f"  {folded_label:<{width}}", "dim"),
-                f"{f.bn}{where}",
-                (f" → {f.producer_op} {f.producer}", "green"),
-            )
-        )
-    if limit is not None and len(folded) > limit:
-        lines.append(Text(f"  {'':<{width}}… {len(folded) - limit} more (-v lists all)", style="dim"))
-    for s in skipped[:limit]:
-        where = f" [{s.graph}]" if s.graph else ""
-        lines.append(
-            Text.assemble(
-                (f"  {'left':<{width}}", "dim"),
-                f"{s.bn}{where}  ",
-                (s.reason.value, "yellow"),
-                f": {s.detail}",
-            )
-        )
-    if limit is not None and len(skipped) > limit:
-        lines.append(Text(f"  {'':<{width}}… {len(skipped) - limit} more left (-v lists all)", style="dim"))
-    return Group(*lines)
+    done = [(f.bn, f.graph, Text(f" → {f.producer_op} {f.producer}", style="green")) for f in folded]
+    left = [
+        (s.bn, s.graph, Text.assemble("  ", (s.reason.value, "yellow"), f": {s.detail}")) for s in skipped
+    ]
+    return Group(
+        *_bn_lines(folded_label, done, width=width, limit=limit, more="more"),
+        *_bn_lines("left", left, width=width, limit=limit, more="more left"),
+    )
+
+
+def _bn_lines(
+    label: str, rows: Sequence[tuple[str, str, Text]], *, width: int, limit: int | None, more: str
+) -> list[Text]:
+    """``  LABEL  bn [graph]TAIL`` per row, up to ``limit`` rows, then ``… N MORE``."""
+    lines = [
+        Text.assemble((f"  {label:<{width}}", "dim"), f"{bn} [{graph}]" if graph else bn, tail)
+        for bn, graph, tail in rows[:limit]
+    ]
+    if limit is not None and len(rows) > limit:
+        lines.append(Text(f"  {'':<{width}}… {len(rows) - limit} {more} (-v lists all)", style="dim"))
+    return lines
 
 
 def verification_section(
@@ -184,7 +96,7 @@ def verification_section(
 ) -> RenderableType:
     if v is None:
         return Text.assemble((f"{title}: ", "bold"), ("skipped (--no-verify)", "yellow"))
-    style = {"passed": "green", "failed": "bold red", "not-run": "bold yellow"}[v.status.value]
+    style = _STATUS_STYLE[v.status.value]
     how = f"{v.samples} sample{'s' if v.samples != 1 else ''}"
     if v.seed is not None and v.input_source == "generated":
         how += f", seed {v.seed}"
@@ -256,22 +168,18 @@ def _diffs_line(what: str, how: str, diffs: Sequence[TensorDiff]) -> Text:
     return text
 
 
-def _torch_line(check: Mapping[str, Any]) -> Text:
-    style = "green" if check.get("passed") else "bold red"
-    text = Text.assemble(("torch vs ONNX: ", "bold"))
-    if not check.get("compared"):
-        text.append(check.get("message") or "not compared", style="yellow" if check.get("passed") else style)
-        return text
-    text.append("passed" if check.get("passed") else "failed", style=style)
-    per = check.get("outputs") or {}
-    if per:
-        name, worst = max(per.items(), key=lambda kv: float(kv[1].get("max_rel", 0.0)))
+def _torch_line(check: VerifyReport) -> Text:
+    """``torch vs ONNX: passed — on the example inputs; worst output y: max abs …, max rel …``."""
+    style = _STATUS_STYLE[check.status.value]
+    text = Text.assemble(("torch vs ONNX: ", "bold"), (check.status.value, style))
+    if check.outputs:
+        worst = max(check.outputs, key=lambda d: d.max_rel)
         text.append(
-            f" — on the example inputs; worst output {name}: max abs {float(worst['max_abs']):.2e}, "
-            f"max rel {float(worst['max_rel']):.2e}"
+            f" — on the example inputs; worst output {worst.name}: max abs {worst.max_abs:.2e}, "
+            f"max rel {worst.max_rel:.2e}"
         )
-    if check.get("message"):
-        text.append(f"; {check['message']}", style=style)
+    if check.message:
+        text.append(f"; {check.message}", style=style)
     return text
 
 
@@ -297,10 +205,6 @@ def _stats_line(outcome: FoldOutcome) -> Text:
 
 # --------------------------------------------------------------------------------------------
 # check
-
-
-def check_document(result: CheckResult) -> dict[str, Any]:
-    return envelope("check", result.to_dict())
 
 
 def check_summary(result: CheckResult, *, verbose: bool = False) -> RenderableType:
@@ -340,7 +244,7 @@ def check_summary(result: CheckResult, *, verbose: bool = False) -> RenderableTy
 def _verify_cell(m: ModelCheck) -> Text:
     if m.verification is None:
         return Text("-")
-    style = {"passed": "green", "failed": "bold red", "not-run": "bold yellow"}[m.verification.status.value]
+    style = _STATUS_STYLE[m.verification.status.value]
     return Text(m.verification.status.value, style=style)
 
 

@@ -1,0 +1,147 @@
+"""The ``bnfold`` typer app: routes ``bnfold MODEL`` to the fold command and maps every failure
+to one line on stderr and a documented exit code.
+
+    bnfold MODEL [-o OUT] [options]        fold (``bnfold fold MODEL ...`` is the same)
+    bnfold check MODEL|DIR|GLOB ...        report foldable BN, verify equivalence; writes nothing
+
+Exit codes: 0 success, 1 findings (verification failed, foldable BN left in ``check``,
+``--strict`` with BN left), 2 usage or input error, 3 internal error (a bug in bnfold),
+130 interrupted. Errors are one line on stderr, ``bnfold: error: ...``; ``--debug`` adds the
+traceback. Heavy modules (onnxruntime, torch) are imported only when a command needs them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from bnfold.cli import check, fold
+from bnfold.cli.console import logging_to_stderr, print_error, wants_debug
+from bnfold.cli.options import VersionOption, click_exceptions, normalize_json_args
+from bnfold.cli.results import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+)
+from bnfold.errors import BnfoldError
+
+_ROOT_OPTIONS = ("--help", "-h", "--version")
+
+
+class BnfoldGroup(TyperGroup):
+    """Routes ``bnfold MODEL ...`` to the ``fold`` command and turns every failure into one
+    line on stderr and a documented exit code (also under typer's ``CliRunner``)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        args = normalize_json_args(args)
+        if args and args[0] not in self.commands and args[0] not in _ROOT_OPTIONS:
+            first = args[0]
+            close = difflib.get_close_matches(first, list(self.commands), n=1)
+            if close and not os.path.exists(first) and not any(c in first for c in "./\\"):
+                raise click_exceptions.UsageError(
+                    f"no such command or file '{first}'; did you mean '{close[0]}'?"
+                )
+            args = ["fold", *args]
+        return super().parse_args(ctx, args)
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        args = list(sys.argv[1:] if args is None else args)
+        try:
+            with logging_to_stderr(args):
+                rv = super().main(
+                    args=args,
+                    prog_name=prog_name or "bnfold",
+                    complete_var=complete_var,
+                    standalone_mode=False,
+                    windows_expand_args=windows_expand_args,
+                    **extra,
+                )
+            code = rv if isinstance(rv, int) else EXIT_OK
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes a line and an exit code
+            code = _exit_code_of(exc, debug=wants_debug(args))
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _exit_code_of(exc: BaseException, *, debug: bool) -> int:
+    """Say what went wrong in one line on stderr (a traceback first with ``--debug``) and
+    return the documented exit code; re-raise what is not ours to handle (SystemExit)."""
+    if isinstance(exc, click_exceptions.NoArgsIsHelpError):
+        print(exc.ctx.get_help() if exc.ctx else "usage: bnfold MODEL -o OUT", file=sys.stderr)
+        return EXIT_USAGE
+    if isinstance(exc, click_exceptions.UsageError):
+        command = exc.ctx.command_path if exc.ctx is not None else "bnfold"
+        print_error(f"{exc.format_message()} (see '{command} --help')")
+        return EXIT_USAGE
+    if isinstance(exc, click_exceptions.ClickException):
+        print_error(exc.format_message())
+        return exc.exit_code
+    if isinstance(exc, (KeyboardInterrupt, typer.Abort)):
+        print("bnfold: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    if isinstance(exc, BnfoldError):
+        if debug:
+            traceback.print_exc()
+        print_error(str(exc))
+        return exc.exit_code
+    if isinstance(exc, BrokenPipeError):  # `bnfold check ... | head`: the reader left before the end
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return EXIT_BROKEN_PIPE
+    if not isinstance(exc, Exception):  # SystemExit, GeneratorExit: not a failure of ours
+        raise exc
+    if debug:  # a bug: one line (exit 3) rather than a bare traceback
+        traceback.print_exc()
+    hint = "" if debug else " (run with --debug for the traceback)"
+    print_error(f"internal error: {type(exc).__name__}: {exc}{hint}")
+    return EXIT_INTERNAL
+
+
+app = typer.Typer(
+    cls=BnfoldGroup,
+    rich_markup_mode=None,
+    name="bnfold",
+    help=(
+        "Fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul, verified with "
+        "onnxruntime.\n\n"
+        "bnfold MODEL -o OUT folds (short for bnfold fold); "
+        "bnfold check MODEL... reports what could still be folded.\n\n"
+        "Exit codes: 0 success, 1 findings, 2 usage or input error, 3 internal error."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(version: VersionOption = False) -> None:
+    """Fold BatchNormalization, verified with onnxruntime."""
+
+
+app.command("fold", help=fold.HELP)(fold.fold_command)
+app.command("check", help=check.HELP)(check.check_command)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``bnfold`` script and ``python -m bnfold``."""
+    app(args=None if argv is None else list(argv), prog_name="bnfold")

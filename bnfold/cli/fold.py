@@ -1,0 +1,202 @@
+"""``bnfold MODEL [-o OUT]`` (also ``bnfold fold MODEL``): fold, verify against MODEL with
+onnxruntime, write only what passed. The command function wires options to a
+:class:`~bnfold.cli.request.FoldRequest`; :func:`fold_onnx_request` runs an ONNX request,
+:func:`bnfold.cli.fold_torch.fold_torch` a PyTorch one."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Annotated
+
+import typer
+
+from bnfold.cli.console import Ui, one_line
+from bnfold.cli.options import (
+    AtolOption,
+    DebugOption,
+    InputsOption,
+    JsonFileOption,
+    JsonOption,
+    QuietOption,
+    RtolOption,
+    SamplesOption,
+    SeedOption,
+    ShapeOption,
+    StrictOption,
+    VerboseOption,
+    VersionOption,
+    shapes_of,
+)
+from bnfold.cli.paths import resolve_paths, same_file
+from bnfold.cli.reports import check_writable, emit_json
+from bnfold.cli.request import FoldRequest, not_written, written
+from bnfold.cli.results import FoldOutcome
+from bnfold.cli.stats import stats_for_path
+from bnfold.errors import BnfoldError, VerificationError
+
+HELP = (
+    "Fold BatchNormalization in MODEL, verify the result against MODEL with onnxruntime and write "
+    "it (default: <stem>.folded.onnx beside MODEL). bnfold MODEL is short for "
+    "bnfold fold MODEL. MODEL may also be a torch.export .pt2 or TorchScript .pt file, "
+    "or use --factory."
+)
+
+
+def fold_command(
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="MODEL", help="model.onnx (or .pt2/.pt with torch installed).", show_default=False
+        ),
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "-o", "--output", metavar="OUT", help="Where to write the folded model.", show_default=False
+        ),
+    ] = None,
+    in_place: Annotated[
+        bool, typer.Option("--in-place", help="Overwrite MODEL (only after verification).")
+    ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option("--verify/--no-verify", help="Verify with onnxruntime; roll back folds that diverge."),
+    ] = True,
+    force: Annotated[
+        bool, typer.Option("--force", help="Write the output even if verification fails (exit code stays 1).")
+    ] = False,
+    atol: AtolOption = None,
+    rtol: RtolOption = None,
+    samples: SamplesOption = 3,
+    seed: SeedOption = 0,
+    shape: ShapeOption = None,
+    inputs: InputsOption = None,
+    external_data: Annotated[
+        bool | None,
+        typer.Option(
+            "--external-data/--no-external-data",
+            help="Write weights to a separate .data file (needed past 2 GB) or inline. Default: as MODEL.",
+            show_default=False,
+        ),
+    ] = None,
+    factory: Annotated[
+        str | None,
+        typer.Option(
+            "--factory",
+            metavar="MODULE:FUNC",
+            help="PyTorch: build the model by calling MODULE:FUNC() (with --weights, a state_dict file).",
+            show_default=False,
+        ),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights",
+            metavar="PATH",
+            help="PyTorch: state_dict to load into the --factory model.",
+            show_default=False,
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude",
+            metavar="TENSOR",
+            help="Leave the BN writing this tensor name unfolded (ONNX). Repeatable.",
+            show_default=False,
+        ),
+    ] = None,
+    json_stdout: JsonOption = False,
+    json_file: JsonFileOption = None,
+    strict: StrictOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    debug: DebugOption = False,
+    version: VersionOption = False,
+) -> None:
+    """Wire the options to a :class:`FoldRequest`, run it, render, exit. ``--debug`` is read by
+    the app's error mapping and ``--version`` by its eager callback."""
+    from bnfold.verify import VerifyOptions
+
+    ui = Ui(quiet=quiet, verbose=verbose, json_stdout=json_stdout)
+    check_writable(json_file, "--json-file")
+    source, out = resolve_paths(model, output, in_place=in_place, factory=factory)
+    if weights and not factory:
+        raise typer.BadParameter("--weights needs --factory", param_hint="--weights")
+    request = FoldRequest(
+        source=source,
+        output=out,
+        verify=verify,
+        force=force,
+        options=VerifyOptions(
+            inputs=inputs, shapes=shapes_of(shape), seed=seed, samples=samples, atol=atol, rtol=rtol
+        ),
+        external_data=external_data,
+        exclude=tuple(exclude or ()),
+        strict=strict,
+        factory=factory,
+        weights=weights,
+    )
+    if request.is_torch and exclude:
+        raise typer.BadParameter("--exclude applies to ONNX models", param_hint="--exclude")
+    with ui.status():
+        if request.is_torch:
+            from bnfold.cli.fold_torch import fold_torch
+
+            outcome = fold_torch(request, progress=ui.progress)
+        else:
+            outcome = fold_onnx_request(request, progress=ui.progress)
+    from bnfold.cli.render import fold_summary
+
+    ui.out.print(fold_summary(outcome, verbose=ui.verbose))
+    if json_stdout or json_file:
+        emit_json(outcome.to_dict(), to_stdout=json_stdout, path=json_file)
+    if outcome.exit_code:
+        if outcome.error and (ui.quiet or json_stdout):
+            print(f"bnfold: {one_line(outcome.error)}", file=sys.stderr, flush=True)
+        raise typer.Exit(outcome.exit_code)
+
+
+def fold_onnx_request(req: FoldRequest, *, progress: Callable[[str], None]) -> FoldOutcome:
+    """Run an ONNX fold request; a failed verification is an outcome, not an exception."""
+    from bnfold import api
+
+    start = time.perf_counter()
+    progress(f"reading {req.source}")
+    before = stats_for_path(req.source)
+    in_place = same_file(req.source, req.output)
+    try:
+        result = api.fold_path(
+            req.source,
+            None if in_place else req.output,
+            in_place=in_place,
+            verify=req.verify,
+            force=req.force,
+            options=req.options,
+            external_data=req.external_data,
+            exclude=req.exclude,
+            progress=progress,
+        )
+    except VerificationError as exc:
+        return not_written(req, exc, start=start, before=before, report=getattr(exc.result, "report", None))
+    except BnfoldError as exc:
+        raise _naming(exc, req.source) from exc
+    return written(
+        req,
+        report=result.report,
+        verification=result.verification,
+        before=before,
+        after=stats_for_path(req.output),
+        start=start,
+    )
+
+
+def _naming(exc: BnfoldError, path: str) -> BnfoldError:
+    """The same error, its message prefixed with ``path`` unless it names a file already."""
+    message = str(exc)
+    if path in message or os.path.basename(path) in message or isinstance(exc, VerificationError):
+        return exc
+    return type(exc)(f"{path}: {message}")
