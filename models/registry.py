@@ -60,7 +60,8 @@ class ModelSpec:
     """Graph input name -> numpy dtype name."""
     outputs: tuple[str, ...] = ("output",)
     source: str = "torch"
-    """``torch`` (exported from ``builder``) or ``generated`` (written by ``models.large``)."""
+    """``torch`` (exported from ``builder``), ``generated`` (written by ``models.large``) or
+    ``converter`` (written by ``models.converters``, listed in ``CONVERTERS``)."""
     builder: Callable[[int], Any] | None = field(default=None, compare=False)
     """seed -> eval-mode ``torch.nn.Module`` for torch sources; None for generated models."""
     bn_count: int
@@ -293,6 +294,170 @@ _SPECS += (
 REGISTRY: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
 
 
+def _converter(
+    name: str, description: str, inputs: dict[str, tuple[int, ...]], outputs: str, bn_count: int, notes: str
+) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        description=description,
+        inputs=inputs,
+        dtypes=dict.fromkeys(inputs, "float32"),
+        outputs=(outputs,),
+        source="converter",
+        bn_count=bn_count,
+        notes=notes,
+    )
+
+
+_CONVERTER_SPECS: tuple[ModelSpec, ...] = (
+    _converter(
+        "torch-dynamo-resnet",
+        "torch dynamo export, optimize=False: bias-less Conv with Expand(CastLike(0, x), Shape(W)) bias -> BN",
+        {"x": (1, 3, 16, 16)},
+        "linear",
+        6,
+        "All 6 BN fold: the computed zero bias is a constant.",
+    ),
+    _converter(
+        "torch-dynamo-linear-bn1d",
+        "torch dynamo export, optimize=False: Gemm -> BN1d, MatMul(x, Transpose(W)) -> BN1d",
+        {"x": (4, 16)},
+        "getitem_1",
+        2,
+        "Both BN fold.",
+    ),
+    _converter(
+        "levit-linear-bn",
+        "LeViT Linear_BN, torch dynamo export: MatMul (B,N,C) -> Reshape (B*N,C) -> BN -> Reshape back",
+        {"x": (2, 5, 8)},
+        "view_3",
+        2,
+        "Both BN fold: the Reshape keeps the MatMul's last axis as BN's channel axis.",
+    ),
+    _converter(
+        "mixnet-concat-bn",
+        "MixNet MixedConv2d, torch dynamo export: Split -> depthwise 3x3/5x5/7x7 -> Concat(axis=1) -> BN",
+        {"x": (1, 12, 8, 8)},
+        "silu",
+        1,
+        "The BN folds split per branch (each conv feeds only the Concat).",
+    ),
+    _converter(
+        "keras3-mobilenet",
+        "keras 3 export (tf2onnx): Conv -> Mul (1,C,1,1) -> Add (1,C,1,1), depthwise too; Dense -> Mul (C,) -> Add (C,)",
+        {"keras_tensor": (1, 16, 16, 3)},
+        "output_0",
+        0,
+        "No BN node: 4 Mul/Add pairs, all foldable into the layer before.",
+    ),
+    _converter(
+        "tf2onnx-raw-nhwc",
+        "tf2onnx without optimizer: Conv -> Transpose -> Add (C,) -> Transpose -> BN; also ConvTranspose",
+        {"input_1:0": (1, 8, 8, 3)},
+        "Identity:0",
+        3,
+        "All 3 BN and the 2 bias Adds fold through the Transposes.",
+    ),
+    _converter(
+        "tf2onnx-raw-conv3d",
+        "tf2onnx without optimizer on Conv3D (NDHWC): Conv -> Transpose -> Transpose -> BN",
+        {"input_1:0": (1, 4, 6, 6, 2)},
+        "Identity:0",
+        1,
+        "The BN folds through the 5-D Transposes.",
+    ),
+    _converter(
+        "resnetv2-preact",
+        "tf.keras 2 ResNet50V2 via tf2onnx: pre-activation BN after MaxPool and after Add of two activations",
+        {"input_1": (1, 8, 8, 3)},
+        "post_relu",
+        5,
+        "2 BN fold (after 1x1 convs); 3 stay as unsupported-producer (MaxPool, Add, Add), never producer-output-shared.",
+    ),
+    _converter(
+        "paddle2onnx-identity-bn",
+        "paddle2onnx: Conv/ConvTranspose/MatMul -> Add(bias) -> Identity -> BN",
+        {"x": (1, 3, 8, 8)},
+        "batch_norm_2.tmp_2",
+        3,
+        "All 3 BN fold through the Identity, with the bias Adds.",
+    ),
+    _converter(
+        "arcface-head",
+        "insightface iresnet head, TorchScript export: Add -> BN2d -> Dropout -> Flatten -> Gemm -> BN1d",
+        {"input.1": (1, 8, 4, 4)},
+        "683",
+        2,
+        "features folds backward into the Gemm, bn2 forward through Flatten into it.",
+    ),
+    _converter(
+        "tabular-bn-first",
+        "tabular MLP, TorchScript export: input BN1d -> Gemm",
+        {"input": (8, 16)},
+        "output",
+        1,
+        "The BN folds forward into the Gemm.",
+    ),
+    _converter(
+        "mxnet-bn-data",
+        "MXNet ResNet export: bn_data -> zero-padded 7x7 conv0 -> bn0; BN -> unpadded 1x1 conv",
+        {"data": (1, 3, 16, 16)},
+        "stage1_unit1_conv3",
+        3,
+        "bn0 folds backward, stage1_unit1_bn3 forward; bn_data's shift must not fold into the padded conv0.",
+    ),
+    _converter(
+        "conv-bias-add",
+        "bias-only Add after a bias-less Conv: Add (1,C,1,1) and Add (C,1,1)",
+        {"input": (1, 3, 8, 8)},
+        "output",
+        0,
+        "Both Adds fold into their Conv's bias.",
+    ),
+    _converter(
+        "trap-mul-last-axis",
+        "trap: Conv -> Mul by a (C,) constant on a 4-D tensor (scales the last axis, not channels)",
+        {"input": (1, 3, 8, 8)},
+        "output",
+        0,
+        "Must not fold.",
+    ),
+    _converter(
+        "trap-grouped-add-chw",
+        "trap: Conv(group=4) -> Add of a (1,C,H,W) constant (not per-channel)",
+        {"input": (1, 8, 6, 6)},
+        "output",
+        0,
+        "Must not fold.",
+    ),
+    _converter(
+        "trap-div-by-zero",
+        "trap: Conv -> Div (1,C,1,1) with a zero divisor -> Add",
+        {"input": (1, 3, 8, 8)},
+        "output",
+        0,
+        "Must not fold: x / 0 is not W / 0.",
+    ),
+    _converter(
+        "trap-reshape-merges-channel",
+        "trap: Conv -> Reshape merging C with H -> BN over the merged axis",
+        {"input": (1, 3, 4, 4)},
+        "output",
+        1,
+        "Must not fold: BN's channels are (c, h) pairs.",
+    ),
+)
+
+CONVERTERS: dict[str, ModelSpec] = {s.name: s for s in _CONVERTER_SPECS}
+"""Converter-shaped models (``models.converters``, issue 12), apart from ``REGISTRY`` so that the zoo's
+fold expectations and tests stay as they are. :func:`get`, :func:`build_onnx` and ``python -m models
+build NAME`` find them by name."""
+
+
+def converter_names() -> list[str]:
+    return list(CONVERTERS)
+
+
 def names(*, large: bool | None = False) -> list[str]:
     """Registry names: small ones by default, large ones with ``large=True``, all with ``None``."""
     return [n for n, s in REGISTRY.items() if large is None or s.large == large]
@@ -302,7 +467,11 @@ def get(name: str) -> ModelSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ZooError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}") from None
+        pass
+    try:
+        return CONVERTERS[name]
+    except KeyError:
+        raise ZooError(f"unknown model {name!r}; known: {', '.join([*REGISTRY, *CONVERTERS])}") from None
 
 
 def _builder(name: str) -> Callable[[int], Any]:
@@ -390,6 +559,11 @@ def _fingerprint(spec: ModelSpec, seed: int, opset: int) -> str:
     if spec.source == "torch":
         sources = ("torch_zoo.py", "registry.py")
         versions = ("torch", "onnx")
+    elif spec.source == "converter":
+        sources = tuple(
+            sorted(str(p.relative_to(PACKAGE_DIR)) for p in (PACKAGE_DIR / "converters").glob("*.py"))
+        )
+        versions = ("numpy", "onnx")
     else:
         sources = ("large.py",)
         versions = ("numpy", "onnx")
@@ -427,6 +601,13 @@ def write_onnx(name: str, path: str | os.PathLike[str], *, seed: int = 0) -> Pat
     spec = get(name)
     if spec.size_mb is not None:
         return _large.build_large(spec.size_mb, path, external_data=spec.external_data, seed=seed)
+    if spec.source == "converter":
+        from models import converters
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, converters.build(name, seed).SerializeToString())
+        return path
     return export_onnx(name, path, seed=seed)
 
 
