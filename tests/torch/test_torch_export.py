@@ -1,4 +1,4 @@
-"""bnfold.torch_fold.export and bnfold.torch_io: fold, export, fold what is left in ONNX, verify.
+"""bnfold.torch.export and bnfold.torch.inputs: fold, export, fold what is left in ONNX, verify.
 
 The saved model is checked independently here: onnxruntime at ORT_DISABLE_ALL on the example
 inputs against the *unfolded* module's torch outputs, within 1e-5 of the output's magnitude.
@@ -18,33 +18,11 @@ import onnx
 from torch import nn
 
 from bnfold.errors import InputError, MissingDependencyError, VerificationError
-from bnfold.onnx_fold import count_bn
+from bnfold.onnx.fold import count_bn
 from bnfold.report import SkipReason
-from bnfold.torch_fold import export
+from bnfold.torch import export
 from tests.conftest import assert_close, run_ort
-from torch_models import Net
-
-
-@pytest.fixture(autouse=True)
-def _seeded():
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(20261121)
-        yield
-
-
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """gamma ~ ±U(0.5, 1.5), beta ~ N(0, .5), mean ~ N(0, .5), var ~ U(.5, 2) for every BN."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                sign = torch.where(torch.rand(c, generator=gen) < 0.2, -1.0, 1.0)
-                m.weight.copy_((torch.rand(c, generator=gen) + 0.5) * sign)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.5)
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-    return module.eval()
+from torch_models import Net, randomize, seeded_torch  # noqa: F401 (autouse fixture)
 
 
 class DataDependent(nn.Module):
@@ -110,7 +88,8 @@ def test_export_round_trip_is_folded_and_verified(tmp_path):
     assert not result.module_report.skipped and not result.onnx_report.skipped
     assert result.verification is not None and result.verification.passed
     tv = result.extra["torch_vs_onnx"]
-    assert tv["passed"] and all(tv["outputs"][k]["max_rel"] < 1e-5 for k in ("features", "logits"))
+    assert tv.passed and [d.name for d in tv.outputs] == ["features", "logits"]
+    assert all(d.max_rel < 1e-5 and d.total > 0 for d in tv.outputs)
     model = check_saved(str(out), module, x)
     assert count_bn(model) == 0 and op_types(model).count("ConvTranspose") == 1
     assert [i.name for i in model.graph.input] == ["image"] and [o.name for o in model.graph.output] == [
@@ -127,7 +106,7 @@ def test_export_with_dynamo_exporter(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     result = export(module, (x,), tmp_path / "net.onnx", dynamo=True)
     assert result.extra["exporter"] == "dynamo" and len(result.module_report.folded) == 4
-    assert result.verification.passed and result.extra["torch_vs_onnx"]["passed"]
+    assert result.verification.passed and result.extra["torch_vs_onnx"].passed
     assert count_bn(check_saved(result.path, module, x)) == 0
 
 
@@ -168,18 +147,18 @@ def test_torchscript_module_is_folded_in_onnx(tmp_path):
 def test_diverging_export_raises_and_writes_nothing_unless_forced(tmp_path, monkeypatch):
     """A wrong fold in the ONNX pass (simulated: one weight scaled by 1.01) must be caught by
     both checks; the file appears only with force=True."""
-    from bnfold import onnx_fold
+    from bnfold import api
 
-    real = onnx_fold.fold_onnx
+    real = api.fold_model
 
     def corrupt(model, **kw):
-        result = real(model, **kw)
-        init = result.model.graph.initializer[0]
+        report = real(model, **kw)
+        init = model.graph.initializer[0]
         arr = onnx.numpy_helper.to_array(init) * np.float32(1.01)
         init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
-        return result
+        return report
 
-    monkeypatch.setattr(onnx_fold, "fold_onnx", corrupt)
+    monkeypatch.setattr(api, "fold_model", corrupt)
     module = randomize(Net())
     x = torch.randn(2, 3, 8, 8)
     out = tmp_path / "bad.onnx"
@@ -187,7 +166,7 @@ def test_diverging_export_raises_and_writes_nothing_unless_forced(tmp_path, monk
         export(module, x, out)
     assert not out.exists()
     assert info.value.report is not None and not info.value.report.passed
-    assert not info.value.result.extra["torch_vs_onnx"]["passed"]
+    assert not info.value.result.extra["torch_vs_onnx"].passed
     result = export(module, x, out, force=True)
     assert out.is_file() and not result.verification.passed
 
@@ -203,23 +182,23 @@ def test_export_rejects_missing_example_inputs(tmp_path):
         export(Net(), None, tmp_path / "x.onnx")  # type: ignore[arg-type]
 
 
-# --------------------------------------------------------------------------- torch_io
+# --------------------------------------------------------------------------- bnfold.torch.inputs
 
 
 def test_require_torch_says_how_to_install(monkeypatch):
-    from bnfold import torch_io
+    from bnfold.torch import inputs
 
-    assert torch_io.require_torch() is torch
+    assert inputs.require_torch() is torch
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
     with pytest.raises(MissingDependencyError) as info:
-        torch_io.require_torch()
+        inputs.require_torch()
     assert str(info.value) == (
         "install the torch extra: pip install 'bnfold[torch]' (see README: Choosing your torch)"
     )
 
 
 def test_load_pt2_archive_gives_module_and_example_inputs(tmp_path):
-    from bnfold.torch_io import load_torch_artifact
+    from bnfold.torch.inputs import load_torch_artifact
 
     module = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     x = torch.randn(1, 3, 8, 8)
@@ -233,7 +212,7 @@ def test_load_pt2_archive_gives_module_and_example_inputs(tmp_path):
 
 
 def test_load_torchscript_archive(tmp_path):
-    from bnfold.torch_io import load_torch_artifact
+    from bnfold.torch.inputs import load_torch_artifact
 
     module = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     path = tmp_path / "m.pt"
@@ -271,7 +250,7 @@ class _Evil:
     ids=["state-dict", "pickled-object", "legacy-pickle", "empty", "directory", "missing"],
 )
 def test_load_torch_artifact_refuses_what_it_cannot_load_safely(tmp_path, make, words):
-    from bnfold.torch_io import load_torch_artifact
+    from bnfold.torch.inputs import load_torch_artifact
 
     path = tmp_path / "model.pt"
     make(path)
@@ -310,7 +289,7 @@ def factory_dir(tmp_path, monkeypatch):
 
 
 def test_load_factory_builds_and_loads_weights(tmp_path, factory_dir):
-    from bnfold.torch_io import load_factory
+    from bnfold.torch.inputs import load_factory
 
     ref = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, tmp_path / "w.pt")
@@ -345,7 +324,7 @@ def test_load_factory_builds_and_loads_weights(tmp_path, factory_dir):
     ],
 )
 def test_load_factory_errors_are_one_line(tmp_path, factory_dir, spec, weights, words):
-    from bnfold.torch_io import load_factory
+    from bnfold.torch.inputs import load_factory
 
     w = None
     if weights is not None:
@@ -361,3 +340,30 @@ def test_load_factory_errors_are_one_line(tmp_path, factory_dir, spec, weights, 
         load_factory(spec.format(pkg=factory_dir), None if w is None else str(w))
     assert "\n" not in str(info.value)
     assert not (tmp_path / "pwned").exists()
+
+
+# --------------------------------------------------------------------------- bnfold.torch.compare
+
+
+def test_torch_vs_onnx_is_a_verify_report_and_not_run_is_never_a_pass(tmp_path):
+    """The comparison with the torch module used to be a dict that said ``"passed": True`` when
+    the input counts differed and nothing was compared; it is a VerifyReport, NOT_RUN there."""
+    from bnfold.report import VerifyStatus
+    from bnfold.torch.compare import torch_vs_onnx
+
+    module = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    x = torch.randn(1, 3, 8, 8)
+    result = export(module, x, tmp_path / "m.onnx", verify=False)
+    model = onnx.load(result.path)
+    with torch.no_grad():
+        expected = module(x)
+    ok = torch_vs_onnx(model, (x,), expected, atol=None, rtol=None)
+    assert ok.status is VerifyStatus.PASSED and ok.compared_on == "outputs" and ok.samples == 1
+    (diff,) = ok.outputs
+    assert diff.kind == "output" and diff.total == expected.numel() and diff.rtol == 1e-4
+    assert diff.max_rel < 1e-5 and diff.shape == tuple(expected.shape)
+    wrong = torch_vs_onnx(model, (x,), expected * 1.01, atol=None, rtol=None)
+    assert wrong.status is VerifyStatus.FAILED and not wrong.passed and wrong.outputs[0].mismatched > 0
+    missing = torch_vs_onnx(model, (x, x), expected, atol=None, rtol=None)
+    assert missing.status is VerifyStatus.NOT_RUN and not missing.passed and not missing.outputs
+    assert "1 inputs for 2 tensors" in missing.message

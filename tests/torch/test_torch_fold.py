@@ -1,4 +1,4 @@
-"""bnfold.torch_fold.fold_module: module-level folding, checked against the unfolded module.
+"""bnfold.torch.fold_module: module-level folding, checked against the unfolded module.
 
 Every positive test checks the structure (the BN is gone, the producer absorbed it), the report,
 and the numbers: folded vs unfolded outputs within ``rtol`` of the output's magnitude (float32
@@ -15,37 +15,10 @@ torch = pytest.importorskip("torch")
 from torch import nn
 
 from bnfold.report import Folded, FoldReport, Skipped, SkipReason
-from bnfold.torch_fold import fold_module
-from torch_models import Net
+from bnfold.torch import fold_module
+from torch_models import Net, randomize, seeded_torch  # noqa: F401 (autouse fixture)
 
 RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-@pytest.fixture(autouse=True)
-def _seeded():
-    """Module initialisation draws from torch's global RNG: seed it, and restore it afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(20261121)
-        yield
-
-
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial statistics for every BN-like module: gamma ~ ±U(0.5, 1.5), beta ~ N(0, .5),
-    mean ~ N(0, .5), var ~ U(.5, 2)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            mean = getattr(m, "running_mean", None)
-            if not isinstance(mean, torch.Tensor) or not hasattr(m, "running_var"):
-                continue
-            c = mean.numel()
-            if isinstance(getattr(m, "weight", None), torch.Tensor):
-                sign = torch.where(torch.rand(c, generator=gen) < 0.2, -1.0, 1.0)
-                m.weight.copy_((torch.rand(c, generator=gen) + 0.5) * sign)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.5)
-            mean.copy_(torch.randn(c, generator=gen) * 0.5)
-            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-    return module.eval()
 
 
 def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -184,7 +157,7 @@ def test_conv_transpose_bn_folds_with_groups(dims, groups):
 
 
 def test_fusion_helper_is_wrong_for_grouped_conv_transpose():
-    """Why torch_fold has its own grouped ConvTranspose path: torch's helper cannot scale
+    """Why bnfold.torch has its own grouped ConvTranspose path: torch's helper cannot scale
     (C_in, C_out/g, k) by a (C_out,) vector (it raises, or broadcasts to a wrong shape)."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 

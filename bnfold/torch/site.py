@@ -1,0 +1,188 @@
+"""One BatchNorm call in a traced graph: the checks that prove it folds, or the reason it does not.
+
+A BN call folds when its input is the output of a Conv/ConvTranspose/Linear call that feeds
+nothing else, the BN uses running statistics, and the BN's channel axis (axis 1) is provably
+the layer's output-channel axis.
+
+The channel axis. ``BatchNorm1d`` on ``Linear`` output normalizes axis 1; that is the feature
+axis only for a rank-2 ``(N, F)`` input. On ``(N, L, F)`` it normalizes ``L`` and a fold would
+scale features by the wrong statistics (``torch.fx.experimental.optimization.fuse`` does
+exactly that when ``L == F``). Linear pairs therefore fold only when the rank is proven by
+running ``example_inputs`` through the traced graph; without them they are skipped with
+``CHANNEL_AXIS_MISMATCH``. Conv pairs fold without shapes: ``BatchNorm2d``/``3d`` only accept
+the batched rank; ``Conv1d`` -> ``BatchNorm1d`` on *unbatched* ``(C, L)`` input would be a
+mismatch, which is detected when ``example_inputs`` are given and otherwise assumed away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.utils.parametrize
+from torch import fx, nn
+
+from ..report import Folded, Skipped, SkipReason
+from .fuse import affine, fuse
+from .modules import BN_RANKS, PRODUCERS, bn_kind, bn_tensors, producer_base
+
+
+@dataclass(frozen=True)
+class Site:
+    """One BN call that folds: its node, the producer's node and module, the folded module."""
+
+    bn_node: fx.Node
+    prod_node: fx.Node
+    producer: nn.Module
+    fused: nn.Module
+
+
+def check_call(
+    node: fx.Node, bn: nn.Module, *, prefix: str, mods: dict[str, nn.Module], ranks: dict[str, set[int]]
+) -> Site | Skipped:
+    """Fold one BN call, or say why not. Handles: BatchNorm{1,2,3}d and SyncBatchNorm with
+    running statistics (affine or not), FrozenBatchNorm buffers; producers Conv{1,2,3}d,
+    ConvTranspose{1,2,3}d (any groups), Linear; float16/bfloat16/float32/float64 weights."""
+    name = prefix + str(node.target)
+
+    def skip(reason: SkipReason, detail: str, producer: str = "", op: str = "") -> Skipped:
+        return Skipped(bn=name, reason=reason, detail=detail, producer=producer, producer_op=op)
+
+    problem = _bn_problem(bn)
+    if problem is not None:
+        return skip(*problem)
+    if len(node.args) + len(node.kwargs) != 1:
+        return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, "the BatchNorm is called with extra arguments")
+    src = node.args[0] if node.args else next(iter(node.kwargs.values()))
+    if not isinstance(src, fx.Node) or src.op == "placeholder":
+        return skip(SkipReason.NO_PRODUCER, "its input is a model input: nothing to absorb it")
+    if src.op == "get_attr":
+        return skip(SkipReason.NO_PRODUCER, f"its input is the stored tensor {prefix}{src.target}")
+    prod = mods.get(str(src.target)) if src.op == "call_module" else None
+    base = producer_base(prod) if prod is not None else None
+    if prod is None or base is None:
+        return skip(SkipReason.UNSUPPORTED_PRODUCER, f"its input comes from {_describe(src, prod, prefix)}")
+    pname, op = prefix + str(src.target), type(prod).__name__
+    if len(src.users) > 1:
+        others = [u for u in src.users if u is not node]
+        what = ", ".join("the model output" if u.op == "output" else u.name for u in others)
+        return skip(SkipReason.PRODUCER_OUTPUT_SHARED, f"the output of {pname} also feeds {what}", pname, op)
+    problem = _producer_problem(prod, pname) or _shape_problem(prod, base, bn, pname, ranks.get(src.name))
+    if problem is not None:
+        return skip(*problem, pname, op)
+    fused = fuse(prod, base, affine(bn_tensors(bn), float(bn.eps)))
+    if isinstance(fused, str):
+        return skip(SkipReason.NOT_REPRESENTABLE, fused, pname, op)
+    return Site(bn_node=node, prod_node=src, producer=prod, fused=fused)
+
+
+def _bn_problem(bn: nn.Module) -> tuple[SkipReason, str] | None:
+    if bn_kind(bn) == "bn" and (bn.running_mean is None or bn.running_var is None):
+        return (
+            SkipReason.TRAINING_MODE,
+            "track_running_stats=False: the BatchNorm normalizes with batch statistics even in eval mode",
+        )
+    stats = bn_tensors(bn)
+    if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in stats if t is not None):
+        return SkipReason.NON_CONSTANT_BN_PARAM, "lazy BatchNorm not initialized yet: run it once first"
+    if any(t is not None and not t.is_floating_point() for t in stats):
+        return SkipReason.UNSUPPORTED_DTYPE, "BatchNorm statistics are not floating point"
+    if bn._forward_hooks or bn._forward_pre_hooks:
+        return SkipReason.NON_CONSTANT_BN_PARAM, "the BatchNorm has forward hooks, which folding would drop"
+    return None
+
+
+def _producer_problem(prod: nn.Module, pname: str) -> tuple[SkipReason, str] | None:
+    weight = prod._parameters.get("weight")
+    if torch.nn.utils.parametrize.is_parametrized(prod) or not isinstance(weight, nn.Parameter):
+        return (
+            SkipReason.NON_CONSTANT_WEIGHT,
+            f"{pname}.weight is computed at run time (parametrization or weight_norm)",
+        )
+    if isinstance(weight, nn.parameter.UninitializedTensorMixin) or weight.is_meta:
+        return SkipReason.NON_CONSTANT_WEIGHT, f"{pname}.weight holds no values (lazy or meta)"
+    if prod._forward_hooks or prod._forward_pre_hooks:
+        return (
+            SkipReason.NON_CONSTANT_WEIGHT,
+            f"{pname} has forward hooks that may change its weight or output at run time",
+        )
+    if not weight.is_floating_point() or (prod.bias is not None and not prod.bias.is_floating_point()):
+        return SkipReason.UNSUPPORTED_DTYPE, f"{pname}.weight has dtype {weight.dtype}"
+    return None
+
+
+def _shape_problem(
+    prod: nn.Module, base: type, bn: nn.Module, pname: str, out_ranks: set[int] | None
+) -> tuple[SkipReason, str] | None:
+    channels = prod.out_features if base is nn.Linear else prod.out_channels
+    if bn.running_mean.numel() != channels:
+        return (
+            SkipReason.SHAPE_MISMATCH,
+            f"{pname} has {channels} output channels, the BatchNorm {bn.running_mean.numel()}",
+        )
+    axis = axis_problem(prod, base, bn, out_ranks)
+    return (SkipReason.CHANNEL_AXIS_MISMATCH, axis) if axis else None
+
+
+def axis_problem(prod: nn.Module, base: type, bn: nn.Module, out_ranks: set[int] | None) -> str:
+    """'' when the BN's axis 1 is provably ``prod``'s output-channel axis, else why not."""
+    allowed = next((r for cls, r in BN_RANKS if isinstance(bn, cls)), None)
+    bn_cls = type(bn).__name__
+    if base is nn.Linear:
+        if out_ranks:
+            if out_ranks == {2}:
+                return ""
+            r = max(out_ranks)
+            return (
+                f"the Linear's output has rank {r} (input (N, ..., F)): {bn_cls} normalizes axis 1, "
+                "not the feature axis"
+            )
+        if allowed is not None and 2 not in allowed:
+            return f"{bn_cls} takes rank {min(allowed)} input, so it normalizes axis 1, not the Linear's feature axis"
+        return "rank of the Linear's input is unknown; pass example_inputs"
+    batched = len(prod.kernel_size) + 2
+    if out_ranks:
+        if out_ranks == {batched}:
+            return ""
+        return (
+            f"the {base.__name__} runs on unbatched input (output rank {min(out_ranks)}): {bn_cls} "
+            "normalizes axis 1, a spatial axis, not the channel axis"
+        )
+    if allowed is not None and batched not in allowed:
+        return (
+            f"{bn_cls} does not accept the batched {base.__name__} output (rank {batched}), so it can only run on "
+            "unbatched output, where axis 1 is spatial"
+        )
+    return ""
+
+
+def _describe(src: fx.Node, mod: nn.Module | None, prefix: str) -> str:
+    if src.op == "call_module":
+        cls = type(mod).__name__ if mod is not None else "?"
+        base = next((b for b in PRODUCERS if mod is not None and isinstance(mod, b)), None)
+        why = f", a {base.__name__} subclass with its own forward" if base is not None else ""
+        return f"{prefix}{src.target} ({cls}{why})"
+    fn = getattr(src.target, "__name__", str(src.target))
+    return f"{fn} ({src.op})"
+
+
+def report_entry(bn: str, outcomes: list[Site | Skipped], names: dict[int, str]) -> Folded | Skipped:
+    """One report entry for a BN module from the outcomes of all its calls (``names``: the
+    module name each folded site's producer ends up under)."""
+    sites = [o for o in outcomes if isinstance(o, Site)]
+    skips = [o for o in outcomes if isinstance(o, Skipped)]
+    if not skips:
+        producers = list(dict.fromkeys(names[id(s)] for s in sites))
+        ops = list(dict.fromkeys(type(s.producer).__name__ for s in sites))
+        return Folded(bn=bn, producer=", ".join(producers), producer_op=", ".join(ops), output="")
+    first = skips[0]
+    if len(outcomes) > 1:
+        done = f"; folded at {len(sites)} of its {len(outcomes)} calls" if sites else ""
+        first = Skipped(
+            bn=first.bn,
+            reason=first.reason,
+            detail=f"{first.detail} (one of {len(outcomes)} calls{done})",
+            producer=first.producer,
+            producer_op=first.producer_op,
+        )
+    return first
