@@ -148,6 +148,14 @@ class TensorDiff:
     worst_channel: int | None = None
     """Axis-1 channel with the largest relative error, for intermediates of rank >= 2."""
     nan_inf_mismatch: bool = False
+    noise: float = 0.0
+    """Calibrated noise allowance, in the unit of ``max_rel``: how far a correct fold was measured to
+    move this tensor (the reference run twice, differing only in float rounding), times a factor;
+    added to ``rtol`` (see bnfold.verify.compare). 0 when not calibrated."""
+    matched_by: str = "name"
+    """How the candidate's tensor was paired with the reference's: ``name`` (the same name),
+    ``fold-alias`` (the candidate's layer kept its own output name after absorbing the BN, so that
+    name holds the reference's BN output) or ``structure`` (renamed, matched by op and inputs)."""
 
     @property
     def mismatched_fraction(self) -> float:
@@ -193,6 +201,17 @@ class VerifyReport:
     candidate_runs_optimized: bool | None = None
     """Whether the candidate also loaded and ran at onnxruntime's default optimization level."""
     seconds: float = 0.0
+    calibrated: bool | None = None
+    """Whether tolerances were calibrated per tensor (the reference also ran at onnxruntime's
+    default level, which folds BN itself); False when that run failed, None when not attempted."""
+    reverted: tuple[Skipped, ...] = ()
+    """Folds that diverged and were reverted before this result (reason ``verification-failed``,
+    with why): a PASSED report with reverted folds passed only without them."""
+    matched: Mapping[str, int] = field(default_factory=dict)
+    """Intermediate tensors compared, counted by how they were paired: ``name``, ``fold-alias``,
+    ``structure`` (see ``TensorDiff.matched_by``)."""
+    bound_dims: Mapping[str, int] = field(default_factory=dict)
+    """Symbolic input dimensions nothing fixed, bound automatically: symbol -> size used."""
 
     @property
     def passed(self) -> bool:
