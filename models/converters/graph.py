@@ -72,8 +72,10 @@ class GraphBuilder:
         opset: int,
         ir_version: int,
         producer: tuple[str, str],
+        shapes: dict[str, Shape] | None = None,
     ) -> onnx.ModelProto:
-        """The model, with inferred shapes for outputs and intermediates (converters write them)."""
+        """The model, with inferred shapes for outputs and intermediates (converters write them);
+        ``shapes`` gives those that inference cannot find and the converter writes."""
         graph = helper.make_graph(
             self.nodes,
             graph_name,
@@ -88,7 +90,15 @@ class GraphBuilder:
             producer_version=producer[1],
         )
         model.ir_version = ir_version
-        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        for name, shape in (shapes or {}).items():
+            info = helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+            known = [v for v in (*model.graph.output, *model.graph.value_info) if v.name == name]
+            if known:
+                known[0].CopyFrom(info)
+            else:
+                model.graph.value_info.append(info)
+        return model
 
 
 def conv_attrs(k: int, *, pad: int, stride: int = 1, group: int = 1, rank: int = 2) -> dict[str, object]:

@@ -97,7 +97,13 @@ def torch_dynamo_resnet(seed: int) -> onnx.ModelProto:
         transA=0,
     )
     return g.model(
-        "main_graph", {"x": (1, 3, 16, 16)}, ["linear"], opset=20, ir_version=10, producer=TORCH_DYNAMO
+        "main_graph",
+        {"x": (1, 3, 16, 16)},
+        ["linear"],
+        opset=20,
+        ir_version=10,
+        producer=TORCH_DYNAMO,
+        shapes={"mean": (1, 16), "linear": (1, 10)},
     )
 
 
