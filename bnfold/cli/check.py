@@ -257,8 +257,8 @@ def check_model(path: str, *, options: CheckOptions = DEFAULT_OPTIONS) -> ModelC
 
 
 def _check_model(path: str, options: CheckOptions, start: float) -> ModelCheck:
-    from bnfold.io import load_model  # TODO(integration): bnfold.onnx.io
-    from bnfold.onnx_fold import analyze_onnx  # TODO(integration): bnfold.api
+    from bnfold.api import analyze_onnx
+    from bnfold.onnx.io import load_model
 
     model = load_model(path, lazy=True)
     stats = model_stats(model, path)

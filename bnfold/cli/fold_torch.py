@@ -1,9 +1,10 @@
 """``bnfold model.pt2`` / ``bnfold --factory pkg.mod:make``: load the PyTorch model, build its
 example inputs from ``--shape``/``--inputs``, and fold, export and verify it with
-:func:`bnfold.torch_fold.export`. torch is imported only here, and only when this path runs."""
+:func:`bnfold.torch.export`. torch is imported only here, and only when this path runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -16,16 +17,16 @@ from bnfold.errors import InputError, VerificationError
 
 def fold_torch(req: FoldRequest, *, progress: Callable[[str], None]) -> FoldOutcome:
     """Run a PyTorch fold request; a failed verification is an outcome, not an exception."""
-    from bnfold import torch_io  # TODO(integration): bnfold.torch
+    import bnfold.torch as bt
 
-    torch_io.require_torch()
+    bt.require_torch()
     start = time.perf_counter()
     if req.factory is not None:
         progress(f"building {req.factory}()")
-        module, example = torch_io.load_factory(req.factory, req.weights), None
+        module, example = bt.load_factory(req.factory, req.weights), None
     else:
         progress(f"loading {req.source}")
-        module, example = torch_io.load_torch_artifact(req.source)
+        module, example = bt.load_torch_artifact(req.source)
     opts = req.options
     if opts.shapes or opts.inputs:
         example = example_inputs(opts.shapes, opts.inputs, seed=opts.seed)
@@ -34,20 +35,15 @@ def fold_torch(req: FoldRequest, *, progress: Callable[[str], None]) -> FoldOutc
             f"{req.source}: no example inputs to export with; pass --shape NAME=1x3x224x224 "
             "(one per input, in order) or --inputs data.npz"
         )
-    from bnfold.torch_fold import export  # TODO(integration): bnfold.torch
-
     progress("folding and exporting to ONNX")
     try:
-        result = export(
+        result = bt.export(
             module,
             example,
             req.output,
             verify=req.verify,
             force=req.force,
-            seed=opts.seed,
-            samples=opts.samples,
-            atol=opts.atol,
-            rtol=opts.rtol,
+            options=dataclasses.replace(opts, inputs=None, shapes=None),
             external_data=req.external_data,
             input_names=list(opts.shapes) if opts.shapes and not opts.inputs else None,
         )

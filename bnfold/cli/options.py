@@ -21,6 +21,9 @@ from bnfold.cli.versions import versions_line
 UsageError = click_exceptions.UsageError
 """A wrong command line: ``bnfold: error: MESSAGE (see 'bnfold --help')``, exit 2."""
 
+MAX_DIM = 2**31 - 1
+"""The largest dimension ``--shape`` accepts (onnxruntime's own limit per axis on most builds)."""
+
 _SHAPE_RE = re.compile(r"^\s*(\d+)\s*(?:[x,]\s*(\d+)\s*)*$")
 
 
@@ -56,18 +59,31 @@ def normalize_json_args(args: Sequence[str]) -> list[str]:
 
 
 def parse_shape(spec: str) -> tuple[str, tuple[int, ...]]:
-    """``NAME=1x3x224x224`` (or ``NAME=1,3,224,224``) → ``("NAME", (1, 3, 224, 224))``."""
-    name, sep, dims = spec.rpartition("=")
-    if not sep or not name:
-        raise typer.BadParameter(f"'{spec}' is not NAME=DIMS, e.g. input=1x3x224x224", param_hint="--shape")
-    if not _SHAPE_RE.match(dims):
+    """An input's shape, as bnfold, onnxsim, onnxslim and polygraphy write it:
+
+    ``NAME=1x3x224x224``, ``NAME=1,3,224,224``, ``NAME:1,3,224,224``, ``NAME:[1,3,224,224]``
+    → ``("NAME", (1, 3, 224, 224))``. With ``=`` the last ``=`` splits (names may hold ``:``,
+    as TensorFlow's ``input:0``); without it, the last ``:``.
+    """
+    sep = "=" if "=" in spec else ":"
+    name, found, dims = spec.rpartition(sep)
+    if not found or not name:
         raise typer.BadParameter(
-            f"'{spec}': dimensions must be positive integers joined by 'x', e.g. {name}=1x3x224x224",
+            f"'{spec}' is not NAME=DIMS or NAME:DIMS, e.g. input=1x3x224x224", param_hint="--shape"
+        )
+    body = dims.strip()
+    if body.startswith("[") and body.endswith("]"):
+        body = body[1:-1]
+    if not _SHAPE_RE.match(body):
+        raise typer.BadParameter(
+            f"'{spec}': dimensions must be positive integers joined by 'x' or ',', e.g. {name}=1x3x224x224",
             param_hint="--shape",
         )
-    shape = tuple(int(d) for d in re.split(r"[x,]", dims.replace(" ", "")))
+    shape = tuple(int(d) for d in re.split(r"[x,]", body.replace(" ", "")))
     if any(d <= 0 for d in shape):
         raise typer.BadParameter(f"'{spec}': dimensions must be positive", param_hint="--shape")
+    if any(d > MAX_DIM for d in shape):
+        raise typer.BadParameter(f"'{spec}': a dimension is larger than {MAX_DIM}", param_hint="--shape")
     return name, shape
 
 
@@ -102,7 +118,8 @@ ShapeOption = Annotated[
         "--shape",
         metavar="NAME=DIMS",
         callback=_shape_callback,
-        help="Shape of an input for verification/export, e.g. input=1x3x224x224. Repeatable.",
+        help="Shape of an input for verification/export: input=1x3x224x224, input:1,3,224,224 or "
+        "input:[1,3,224,224]. Repeatable.",
         show_default=False,
     ),
 ]
@@ -116,7 +133,7 @@ InputsOption = Annotated[
     ),
 ]
 SeedOption = Annotated[
-    int, typer.Option("--seed", metavar="N", help="Seed of the generated verification inputs.")
+    int, typer.Option("--seed", min=0, metavar="N", help="Seed of the generated verification inputs.")
 ]
 SamplesOption = Annotated[
     int, typer.Option("--samples", min=1, metavar="N", help="Number of generated input samples to verify on.")

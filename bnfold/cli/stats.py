@@ -9,6 +9,7 @@ import onnx
 
 from bnfold.cli.results import ModelStats
 from bnfold.onnx.graph import walk_graphs
+from bnfold.onnx.io import is_lazy, load_model
 
 
 def model_stats(model: onnx.ModelProto, path: str | os.PathLike[str]) -> ModelStats:
@@ -18,8 +19,6 @@ def model_stats(model: onnx.ModelProto, path: str | os.PathLike[str]) -> ModelSt
     references are still there to be measured; lazy stubs point into ``path`` itself and are
     not counted twice.
     """
-    from bnfold.io import is_lazy  # TODO(integration): bnfold.onnx.io
-
     sites = list(walk_graphs(model))
     nodes = [n for site in sites for n in site.body.node]
     base = os.path.dirname(os.fspath(path))
@@ -45,6 +44,4 @@ def model_stats(model: onnx.ModelProto, path: str | os.PathLike[str]) -> ModelSt
 
 def stats_for_path(path: str | os.PathLike[str]) -> ModelStats:
     """:func:`model_stats` of the file at ``path`` (a lazy load: no tensor data is read)."""
-    from bnfold.io import load_model  # TODO(integration): bnfold.onnx.io
-
     return model_stats(load_model(path, lazy=True), path)

@@ -23,8 +23,8 @@ from bnfold.cli import (
     stats_for_path,
 )
 from bnfold.cli.junit import junit_xml
-from bnfold.cli.reports import write_text_atomic
 from bnfold.errors import InputError
+from bnfold.onnx.io import write_text_atomic
 from bnfold.report import Folded, FoldReport, Skipped, SkipReason, VerifyReport, VerifyStatus
 
 # --------------------------------------------------------------------------------------------
