@@ -16,11 +16,7 @@ from typing import Any
 import onnx
 
 from .errors import InputError
-from .onnx.constants import NotConstant as _NotConstant
 from .onnx.fold import count_bn, fold_model
-from .onnx.graph import ModelIndex as _Model
-from .onnx.graph import Scope as _Scope
-from .onnx.graph import walk_nodes as _walk_nodes
 from .report import FoldReport, FoldResult
 
 __all__ = ["analyze_onnx", "count_bn", "fold_onnx"]
@@ -85,11 +81,16 @@ def fold_onnx(
     else:
         done_model = done.payload
     return FoldResult(
-        model=done_model, report=done.report, verification=done.verification, seconds=time.perf_counter() - start
+        model=done_model,
+        report=done.report,
+        verification=done.verification,
+        seconds=time.perf_counter() - start,
     )
 
 
-def analyze_onnx(model: onnx.ModelProto | str | os.PathLike[str], *, base_dir: str | None = None) -> FoldReport:
+def analyze_onnx(
+    model: onnx.ModelProto | str | os.PathLike[str], *, base_dir: str | None = None
+) -> FoldReport:
     """What :func:`fold_onnx` would do, without changing ``model``."""
     return fold_onnx(model, base_dir=base_dir).report
 

@@ -68,7 +68,8 @@ def plan_into(scope: Scope, layer: onnx.NodeProto, source: Source) -> Plan | Rej
 def _float_problem(w: np.ndarray, what: str) -> Reject | None:
     if w.dtype.kind != "f" and str(w.dtype) != "bfloat16":
         return Reject(
-            SkipReason.UNSUPPORTED_DTYPE, f"{what} has dtype {w.dtype}, only floating-point weights are folded"
+            SkipReason.UNSUPPORTED_DTYPE,
+            f"{what} has dtype {w.dtype}, only floating-point weights are folded",
         )
     return None
 
@@ -80,7 +81,9 @@ def _cast(values: np.ndarray, like: np.ndarray, what: str) -> np.ndarray | Rejec
     return out
 
 
-def _scaled(w: np.ndarray, aff: fold_math.Affine, what: str, *, axis: int, groups: int = 1) -> np.ndarray | Reject:
+def _scaled(
+    w: np.ndarray, aff: fold_math.Affine, what: str, *, axis: int, groups: int = 1
+) -> np.ndarray | Reject:
     out, why = fold_math.scale_weight_exact(w, aff.scale, axis=axis, groups=groups)
     if out is None:
         return Reject(SkipReason.NOT_REPRESENTABLE, f"folding into {what}: {why}")
@@ -106,13 +109,22 @@ def _axis_problem(source: Source, want: int, op: str) -> Reject | None:
     return None
 
 
-def _plan(source: Source, absorber: onnx.NodeProto, chain: tuple[onnx.NodeProto, ...], *parts: object) -> Plan | Reject:
-    """A plan from ``NewValue``s, or the first ``Reject`` among ``parts``."""
-    for p in parts:
-        if isinstance(p, Reject):
-            return p
-    values = tuple(p for p in parts if isinstance(p, NewValue))
-    return Plan(source=source, absorber=absorber, chain=chain, values=values)
+def _plan(
+    source: Source,
+    absorber: onnx.NodeProto,
+    chain: tuple[onnx.NodeProto, ...],
+    writes: list[tuple[onnx.NodeProto, int, np.ndarray | Reject, str]],
+    *,
+    attrs: tuple[tuple[onnx.NodeProto, str, object], ...] = (),
+    op_type: tuple[onnx.NodeProto, str] | None = None,
+) -> Plan | Reject:
+    """A plan writing ``(node, input index, value, kind)`` for each of ``writes``, or the first
+    ``Reject`` among their values."""
+    for _, _, value, _ in writes:
+        if isinstance(value, Reject):
+            return value
+    values = tuple(NewValue(n, i, v, k) for n, i, v, k in writes if not isinstance(v, Reject))
+    return Plan(source=source, absorber=absorber, chain=chain, values=values, attrs=attrs, op_type=op_type)
 
 
 # --------------------------------------------------------------------------- absorbers
@@ -141,13 +153,7 @@ def check_conv(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | Rej
         return Reject(SkipReason.SHAPE_MISMATCH, f"bias has shape {b.shape}, expected ({c_out},)")
     w_new = _scaled(w, aff, "the weight", axis=1 if transpose else 0, groups=group if transpose else 1)
     b_new = _cast(fold_math.fold_bias(b, aff), b if b is not None else w, "the bias")
-    return _plan(
-        source,
-        node,
-        (node,),
-        w_new if isinstance(w_new, Reject) else NewValue(node, 1, w_new, "weight"),
-        b_new if isinstance(b_new, Reject) else NewValue(node, 2, b_new, "bias"),
-    )
+    return _plan(source, node, (node,), [(node, 1, w_new, "weight"), (node, 2, b_new, "bias")])
 
 
 def check_gemm(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | Reject:
@@ -170,24 +176,14 @@ def check_gemm(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | Rej
         c_vec = fold_math.channel_vector(c, aff.channels)
         if c_vec is None:
             return Reject(
-                SkipReason.BIAS_NOT_PER_CHANNEL, f"C has shape {c.shape}, which is not constant per output column"
+                SkipReason.BIAS_NOT_PER_CHANNEL,
+                f"C has shape {c.shape}, which is not constant per output column",
             )
         c_vec = c_vec * float(np.float32(beta))
     b_new = _scaled(b, aff, "B", axis=n_axis)
     c_new = _cast(fold_math.fold_bias(c_vec, aff), b, "C")
-    plan = _plan(
-        source,
-        node,
-        (node,),
-        b_new if isinstance(b_new, Reject) else NewValue(node, 1, b_new, "weight"),
-        c_new if isinstance(c_new, Reject) else NewValue(node, 2, c_new, "bias"),
-    )
-    if isinstance(plan, Reject):
-        return plan
-    attrs: list[tuple[onnx.NodeProto, str, object]] = [(node, "beta", 1.0)]
-    if scope.index.opset < 7:
-        attrs.append((node, "broadcast", 1))
-    return Plan(source=source, absorber=node, chain=(node,), values=plan.values, attrs=tuple(attrs))
+    attrs = ((node, "beta", 1.0), *(((node, "broadcast", 1),) if scope.index.opset < 7 else ()))
+    return _plan(source, node, (node,), [(node, 1, b_new, "weight"), (node, 2, c_new, "bias")], attrs=attrs)
 
 
 def matmul_axis_problem(scope: Scope, node: onnx.NodeProto, b: np.ndarray) -> Reject | None:
@@ -228,19 +224,9 @@ def check_matmul(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | R
         return b
     b_new = _scaled(b, source.affine, "B", axis=1)
     c_new = _cast(fold_math.fold_bias(None, source.affine), b, "the new bias")
-    plan = _plan(
-        source,
-        node,
-        (node,),
-        b_new if isinstance(b_new, Reject) else NewValue(node, 1, b_new, "weight"),
-        c_new if isinstance(c_new, Reject) else NewValue(node, 2, c_new, "bias"),
-    )
-    if isinstance(plan, Reject):
-        return plan
     attrs = ((node, "broadcast", 1),) if scope.index.opset < 7 else ()
-    return Plan(
-        source=source, absorber=node, chain=(node,), values=plan.values, attrs=attrs, op_type=(node, "Gemm")
-    )
+    writes = [(node, 1, b_new, "weight"), (node, 2, c_new, "bias")]
+    return _plan(source, node, (node,), writes, attrs=attrs, op_type=(node, "Gemm"))
 
 
 def check_matmul_add(scope: Scope, add: onnx.NodeProto, source: Source) -> Plan | Reject:
@@ -254,7 +240,8 @@ def check_matmul_add(scope: Scope, add: onnx.NodeProto, source: Source) -> Plan 
             break
     if mm is None or not c_name:
         return Reject(
-            SkipReason.UNSUPPORTED_PRODUCER, "Add is not MatMul + constant; an Add of activations cannot absorb BN"
+            SkipReason.UNSUPPORTED_PRODUCER,
+            "Add is not MatMul + constant; an Add of activations cannot absorb BN",
         )
     if not scope.single_use(mm.output[0]):
         return Reject(
@@ -274,13 +261,8 @@ def check_matmul_add(scope: Scope, add: onnx.NodeProto, source: Source) -> Plan 
     b_new = _scaled(b, source.affine, "B", axis=1)
     c_like = c if c.dtype.kind == "f" or str(c.dtype) == "bfloat16" else b
     c_new = _cast(fold_math.fold_bias(c_vec, source.affine), c_like, "the Add constant")
-    return _plan(
-        source,
-        add,
-        (mm, add),
-        b_new if isinstance(b_new, Reject) else NewValue(mm, 1, b_new, "weight"),
-        c_new if isinstance(c_new, Reject) else NewValue(add, list(add.input).index(c_name), c_new, "bias"),
-    )
+    c_index = list(add.input).index(c_name)
+    return _plan(source, add, (mm, add), [(mm, 1, b_new, "weight"), (add, c_index, c_new, "bias")])
 
 
 ABSORBERS: dict[str, Check] = {

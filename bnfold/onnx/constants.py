@@ -103,7 +103,8 @@ def resolve(scope: ConstantScope, name: str, *, what: str, depth: int = 0) -> np
                 f"{what} {name!r} is produced by DequantizeLinear {node.name!r} (quantized model)",
             )
         raise NotConstant(
-            non_const_reason(what), f"{what} {name!r} is computed by {node.domain}:{node.op_type} {node.name!r}"
+            non_const_reason(what),
+            f"{what} {name!r} is computed by {node.domain}:{node.op_type} {node.name!r}",
         )
     key = (node.op_type, node.output[0] if node.output else "")
     if node.op_type == "Constant":
@@ -152,7 +153,9 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray:
         return np.array(attr.i, dtype=np.int64)
     if attr.name == "value_ints":
         return np.array(list(attr.ints), dtype=np.int64)
-    raise NotConstant(SkipReason.NON_CONSTANT_WEIGHT, f"Constant {node.name!r} has an unsupported {attr.name!r}")
+    raise NotConstant(
+        SkipReason.NON_CONSTANT_WEIGHT, f"Constant {node.name!r} has an unsupported {attr.name!r}"
+    )
 
 
 def evaluate(node: onnx.NodeProto, args: list[np.ndarray | None], name: str, opset: int) -> np.ndarray | None:
@@ -169,12 +172,16 @@ def evaluate(node: onnx.NodeProto, args: list[np.ndarray | None], name: str, ops
                 continue
             key = f"in{i}"
             feeds[key] = a
-            inputs.append(helper.make_tensor_value_info(key, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape))
+            inputs.append(
+                helper.make_tensor_value_info(key, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+            )
         new_inputs = [f"in{i}" if nm else "" for i, nm in enumerate(node.input)]
         outs = [f"out{i}" for i in range(len(node.output))]
         n = helper.make_node(node.op_type, new_inputs, outs, domain=node.domain)
         n.attribute.extend(node.attribute)
-        g = helper.make_graph([n], "const", inputs, [helper.make_value_info(o, onnx.TypeProto()) for o in outs])
+        g = helper.make_graph(
+            [n], "const", inputs, [helper.make_value_info(o, onnx.TypeProto()) for o in outs]
+        )
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
         results = ReferenceEvaluator(m).run(None, feeds)
         return np.asarray(results[list(node.output).index(name)])

@@ -16,6 +16,7 @@ by deleting elements one at a time (quadratic on 50k-node graphs).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -131,7 +132,9 @@ def add_constant(scope: Scope, base: str, value: np.ndarray, *, before: onnx.Nod
             scope.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
             scope.formal_inputs.add(name)
     else:
-        node = helper.make_node("Constant", [], [name], value=tensor, name=scope.ns.fresh_name(name + "_const"))
+        node = helper.make_node(
+            "Constant", [], [name], value=tensor, name=scope.ns.fresh_name(name + "_const")
+        )
         key = node_id(before)
         idx = next(i for i, n in enumerate(scope.nodes) if node_id(n) == key)
         scope.nodes.insert(idx, node)
@@ -142,11 +145,15 @@ def add_constant(scope: Scope, base: str, value: np.ndarray, *, before: onnx.Nod
 # --------------------------------------------------------------------------- removal
 
 
-def _truncate(container: Any, dead: Any) -> None:
-    """Remove the elements for which ``dead(element)`` holds: one stable sort, one truncation."""
-    n_dead = sum(1 for e in container if dead(e))
+def _name(element: Any) -> str:
+    return element.name
+
+
+def _truncate(container: Any, dead: Collection[Any], key: Callable[[Any], Any] = _name) -> None:
+    """Remove the elements whose ``key`` is in ``dead``: one stable sort, one truncation."""
+    n_dead = sum(1 for e in container if key(e) in dead)
     if n_dead:
-        container.sort(key=lambda e: bool(dead(e)))
+        container.sort(key=lambda e: key(e) in dead)
         del container[len(container) - n_dead :]
 
 
@@ -154,11 +161,11 @@ def flush(scope: Scope) -> None:
     """Delete the nodes and value_info marked dead."""
     if scope.doomed:
         doomed = scope.doomed
-        _truncate(scope.nodes, lambda n: node_id(n) in doomed)
+        _truncate(scope.nodes, doomed, node_id)
         scope.doomed = set()
     if scope.stale_names and scope.graph is not None:
         stale = scope.stale_names
-        _truncate(scope.graph.value_info, lambda v: v.name in stale)
+        _truncate(scope.graph.value_info, stale)
     scope.stale_names = set()
 
 
@@ -193,7 +200,7 @@ def remove_dead(scopes: list[Scope]) -> None:
         }
         if not dead:
             continue
-        _truncate(g.initializer, lambda t: t.name in dead)
+        _truncate(g.initializer, dead)
         if scope.index.ir_version <= 3:
-            _truncate(g.input, lambda v: v.name in dead)
-        _truncate(g.value_info, lambda v: v.name in dead)
+            _truncate(g.input, dead)
+        _truncate(g.value_info, dead)

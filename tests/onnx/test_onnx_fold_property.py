@@ -24,7 +24,10 @@ DERANDOMIZE = os.environ.get("BNFOLD_HYPOTHESIS_EXPLORE", "") != "1"
 
 
 @st.composite
-def layer_graphs(draw: st.DrawFn) -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, object]]:
+def layer_graphs(
+    draw: st.DrawFn, *, extended: bool = False
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, object]]:
+    """One layer -> BN graph; ``extended`` adds, drawn, a second BN on the first and a Relu tail."""
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     kind = draw(st.sampled_from(["Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulAdd"]))
@@ -99,6 +102,17 @@ def layer_graphs(draw: st.DrawFn) -> tuple[onnx.ModelProto, dict[str, np.ndarray
     nodes.append(helper.make_node("BatchNormalization", ["y", *names], ["z"], name="bn", epsilon=eps))
     outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [None] * len(x_shape)))
 
+    if extended and draw(st.booleans()):  # layer -> BN -> BN: the second folds after the first
+        stats2 = [rng.uniform(0.5, 1.5, channels), rng.normal(0, 0.5, channels)]
+        stats2 += [rng.normal(0, 0.5, channels), rng.uniform(0.5, 2.0, channels)]
+        names2 = [init(f"bn2_{i}", a) for i, a in enumerate(stats2)]
+        nodes.append(helper.make_node("BatchNormalization", ["z", *names2], ["z2"], name="bn2"))
+        outputs[-1] = helper.make_tensor_value_info("z2", TensorProto.FLOAT, [None] * len(x_shape))
+    if extended and draw(st.booleans()):
+        last = outputs[-1].name
+        nodes.append(helper.make_node("Relu", [last], ["tail"], name="tail"))
+        outputs[-1] = helper.make_tensor_value_info("tail", TensorProto.FLOAT, [None] * len(x_shape))
+
     extra_consumer = draw(st.booleans()) and draw(st.booleans())
     if extra_consumer:
         nodes.append(helper.make_node("Neg", ["y"], ["side"], name="side"))
@@ -171,3 +185,44 @@ def _summand_magnitude(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> 
     s = gamma / np.sqrt(var + eps)
     t = beta - mean * s
     return float(np.abs(s).max() * np.abs(y).max() + np.abs(t).max())
+
+
+NAME_RULE_EXAMPLES = max(1, EXAMPLES // 5)
+
+
+def _expose_intermediates(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` whose graph outputs include every node output."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {v.name for v in out.graph.output}
+    names = [o for n in out.graph.node for o in n.output if o and o not in have]
+    out.graph.output.extend(helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in names)
+    return out, [v.name for v in out.graph.output]
+
+
+@settings(
+    max_examples=NAME_RULE_EXAMPLES,
+    deadline=None,
+    derandomize=DERANDOMIZE,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(layer_graphs(extended=True))
+def test_every_surviving_name_keeps_its_values(case):
+    """The name rule (issue 9): a tensor name present before and after the fold holds the same
+    values. A MatMul -> Add fold once kept the MatMul's name for scaled values, so any verifier
+    matching names saw a divergence that was no error."""
+    model, feeds, facts = case
+    result = fold_onnx(model)
+    before, names_before = _expose_intermediates(model)
+    after, names_after = _expose_intermediates(result.model)
+    ref = dict(zip(names_before, run_ort(before, feeds)))
+    out = dict(zip(names_after, run_ort(after, feeds)))
+    shared = set(ref) & set(out)
+    assert {v.name for v in model.graph.output} <= shared
+    terms = _summand_magnitude(model, feeds)
+    for name in sorted(shared):
+        r, o = ref[name].astype(np.float64), out[name].astype(np.float64)
+        assert r.shape == o.shape, name
+        scale = max(float(np.abs(r).max()), terms, 1e-6)
+        err = float(np.abs(r - o).max()) / scale
+        assert err < 2e-5, f"{facts}: {name!r} changed values (relative error {err:.3g})"

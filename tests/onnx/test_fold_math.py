@@ -1,0 +1,139 @@
+"""bnfold.fold_math: the fold arithmetic, in float64 with one rounding; the grouped
+ConvTranspose layout; refusals of values the weight dtype cannot hold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bnfold import fold_math
+from conftest import bn_stats
+
+
+def test_bn_affine_matches_the_definition_in_float64(rng):
+    gamma, beta, mean, var = bn_stats(rng, 5)
+    aff = fold_math.bn_affine(gamma, beta, mean, var, 1e-3)
+    eps = float(np.float32(1e-3))  # the attribute is a float32
+    s = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
+    assert aff.scale.dtype == np.float64 and aff.channels == 5
+    np.testing.assert_array_equal(aff.scale, s)
+    np.testing.assert_array_equal(aff.shift, beta.astype(np.float64) - mean.astype(np.float64) * s)
+    x = rng.normal(0, 1, 5)
+    g64, b64, m64, v64 = (a.astype(np.float64) for a in (gamma, beta, mean, var))
+    bn = g64 * (x - m64) / np.sqrt(v64 + eps) + b64
+    np.testing.assert_allclose(aff.scale * x + aff.shift, bn, rtol=1e-12, atol=1e-12)
+
+
+def test_default_epsilon_is_the_spec_value():
+    assert fold_math.DEFAULT_EPSILON == 1e-5
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_scale_weight_along_an_axis(rng, axis):
+    w = rng.normal(0, 1, (4, 6, 3))
+    s = rng.normal(0, 1, w.shape[axis])
+    out = fold_math.scale_weight(w, s, axis=axis)
+    expected = w * (s[:, None, None] if axis == 0 else s[None, :, None])
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_grouped_conv_transpose_scales_each_groups_output_channels(rng, groups):
+    """ConvTranspose weight (C_in, C_out/g, k): output channel of [i, j] is (i // (C_in/g)) *
+    (C_out/g) + j. torch's fuse_conv_bn_weights scales axis 1 as if there were one group."""
+    c_in, c_out_g = 2 * groups, 3
+    w = rng.normal(0, 1, (c_in, c_out_g, 2, 2)).astype(np.float32).astype(np.float64)
+    s = rng.normal(0, 1, c_out_g * groups)
+    expected = np.empty_like(w)
+    for i in range(c_in):
+        for j in range(c_out_g):
+            expected[i, j] = w[i, j] * s[(i // (c_in // groups)) * c_out_g + j]
+    np.testing.assert_array_equal(fold_math.scale_weight(w, s, axis=1, groups=groups), expected)
+    out, why = fold_math.scale_weight_exact(w.astype(np.float32), s, axis=1, groups=groups)
+    assert why == "" and out is not None
+    np.testing.assert_array_equal(out, expected.astype(np.float32))
+
+
+def test_grouped_scaling_rejects_a_layout_that_does_not_split():
+    with pytest.raises(ValueError):
+        fold_math.scale_weight(np.ones((3, 2, 1)), np.ones(4), axis=1, groups=2)
+    with pytest.raises(ValueError):
+        fold_math.scale_weight(np.ones((4, 2, 1)), np.ones(4), axis=0, groups=2)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_exact_scaling_rounds_once_from_float64(rng, dtype):
+    w = rng.normal(0, 1, (6, 4, 3, 3)).astype(dtype)
+    s = rng.normal(0, 2, 6)
+    out, why = fold_math.scale_weight_exact(w, s, axis=0)
+    assert why == "" and out is not None and out.dtype == np.dtype(dtype)
+    two_step, _ = fold_math.cast_exact(fold_math.scale_weight(w, s, axis=0), np.dtype(dtype))
+    np.testing.assert_array_equal(out, two_step)
+    np.testing.assert_array_equal(out, (w.astype(np.float64) * s[:, None, None, None]).astype(dtype))
+
+
+def test_float16_overflow_is_refused_not_written_as_inf():
+    out, why = fold_math.scale_weight_exact(
+        np.full((2, 1, 1), 100, np.float16), np.array([1000.0, 1.0]), axis=0
+    )
+    assert out is None and "overflows float16" in why
+    out, why = fold_math.cast_exact(np.array([7e4]), np.dtype(np.float16))
+    assert out is None and "overflows" in why
+
+
+def test_float16_product_that_fits_is_kept_even_when_the_scale_alone_overflows():
+    out, why = fold_math.scale_weight_exact(np.full((1, 1, 1), 1e-3, np.float16), np.array([1e6]), axis=0)
+    assert why == "" and out is not None and np.isfinite(out).all()
+    assert abs(float(out.reshape(-1)[0]) - 1000.0) < 1.0
+
+
+def test_a_channel_flushed_to_zero_is_refused():
+    w = np.full((2, 1, 1), 1e-4, np.float16)
+    out, why = fold_math.scale_weight_exact(w, np.array([1e-6, 1.0]), axis=0)
+    assert out is None and "channel 0 underflows" in why
+    out, why = fold_math.cast_exact(np.array([1e-10, 1.0]), np.dtype(np.float16), channel_axis=0)
+    assert out is None and "channel 0" in why
+
+
+def test_a_zero_scale_channel_is_not_an_underflow():
+    out, why = fold_math.scale_weight_exact(np.ones((2, 1, 1), np.float16), np.array([0.0, 1.0]), axis=0)
+    assert why == "" and out is not None and not out[0].any()
+
+
+def test_nan_is_refused_unless_the_weight_had_it():
+    out, why = fold_math.cast_exact(np.array([np.nan]), np.dtype(np.float32))
+    assert out is None and "NaN" in why
+    out, why = fold_math.cast_exact(np.array([np.nan]), np.dtype(np.float32), original=np.array([np.nan]))
+    assert out is not None and why == ""
+
+
+def test_fold_bias_with_and_without_a_bias(rng):
+    aff = fold_math.Affine(scale=rng.normal(0, 1, 4), shift=rng.normal(0, 1, 4))
+    np.testing.assert_array_equal(fold_math.fold_bias(None, aff), aff.shift)
+    b = rng.normal(0, 1, 4).astype(np.float32)
+    np.testing.assert_array_equal(fold_math.fold_bias(b, aff), b.astype(np.float64) * aff.scale + aff.shift)
+
+
+@pytest.mark.parametrize(
+    ("shape", "ok"),
+    [
+        ((), True),
+        ((1,), True),
+        ((4,), True),
+        ((1, 4), True),
+        ((1, 1), True),
+        ((3,), False),
+        ((2, 4), False),
+        ((1, 1, 4), False),
+    ],
+    ids=str,
+)
+def test_channel_vector_accepts_only_per_column_constants(shape, ok):
+    v = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) + 1
+    out = fold_math.channel_vector(v, 4)
+    assert (out is not None) == ok
+    if ok:
+        assert out.shape == (4,)
+        np.testing.assert_array_equal(
+            out, np.broadcast_to(v.reshape(-1), (4,)) if v.size > 1 else np.full(4, v.item())
+        )
