@@ -43,7 +43,7 @@ def fold_onnx(
     if isinstance(model, onnx.ModelProto):
         source = model
     elif isinstance(model, (str, os.PathLike)):
-        from .io import load_model
+        from .onnx.io import load_model
 
         source = load_model(os.fspath(model))
         if base_dir is None:

@@ -135,7 +135,7 @@ def read_initializer(tensor: onnx.TensorProto, base_dir: str | None) -> np.ndarr
     """An initializer's values, reading external data (or a lazy stub) relative to ``base_dir``."""
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         return numpy_helper.to_array(tensor)
-    from bnfold.io import read_array  # SHIM: bnfold.onnx.io.read_array once the I/O package stands
+    from .io import read_array  # lazy: the pass loads I/O only for external data
 
     return read_array(tensor, base_dir)
 
