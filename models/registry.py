@@ -295,14 +295,19 @@ REGISTRY: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
 
 
 def _converter(
-    name: str, description: str, inputs: dict[str, tuple[int, ...]], outputs: str, bn_count: int, notes: str
+    name: str,
+    description: str,
+    inputs: dict[str, tuple[int, ...]],
+    outputs: str | tuple[str, ...],
+    bn_count: int,
+    notes: str,
 ) -> ModelSpec:
     return ModelSpec(
         name=name,
         description=description,
         inputs=inputs,
         dtypes=dict.fromkeys(inputs, "float32"),
-        outputs=(outputs,),
+        outputs=(outputs,) if isinstance(outputs, str) else outputs,
         source="converter",
         bn_count=bn_count,
         notes=notes,
@@ -445,6 +450,14 @@ _CONVERTER_SPECS: tuple[ModelSpec, ...] = (
         "output",
         1,
         "Must not fold: BN's channels are (c, h) pairs.",
+    ),
+    _converter(
+        "trap-concat-branch-shared",
+        "trap: MixNet Concat -> BN where one branch conv also feeds a second output",
+        {"x": (1, 12, 8, 8)},
+        ("silu", "aux"),
+        1,
+        "Must not split-fold into the shared branch (aux would change).",
     ),
 )
 

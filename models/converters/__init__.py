@@ -45,6 +45,7 @@ from models.converters.torch_exports import (
     tabular_bn_first,
     torch_dynamo_linear_bn1d,
     torch_dynamo_resnet,
+    trap_concat_branch_shared,
 )
 
 BUILDERS: dict[str, Callable[[int], onnx.ModelProto]] = {
@@ -65,6 +66,7 @@ BUILDERS: dict[str, Callable[[int], onnx.ModelProto]] = {
     "trap-grouped-add-chw": trap_grouped_add_chw,
     "trap-div-by-zero": trap_div_by_zero,
     "trap-reshape-merges-channel": trap_reshape_merges_channel,
+    "trap-concat-branch-shared": trap_concat_branch_shared,
 }
 
 

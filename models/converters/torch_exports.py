@@ -172,25 +172,48 @@ def mixnet_concat_bn(seed: int) -> onnx.ModelProto:
     so a correct folder splits BN's parameters per branch (channels 0-3, 4-7, 8-11) and folds each
     part into its conv exactly.
     """
+    return _mixed_conv_bn(seed, shared_branch=False)
+
+
+def trap_concat_branch_shared(seed: int) -> onnx.ModelProto:
+    """Trap (PITFALLS 28): :func:`mixnet_concat_bn` where the 3x3 branch's output is also read by a
+    ``GlobalAveragePool`` feeding a second graph output (``aux``, as when an intermediate feature is
+    exported too). Splitting the BN into that conv would change ``aux``: a correct folder leaves
+    the BN with a reason (or gives the folded use its own copy of the conv)."""
+    return _mixed_conv_bn(seed, shared_branch=True)
+
+
+def _mixed_conv_bn(seed: int, *, shared_branch: bool) -> onnx.ModelProto:
     g = GraphBuilder(seed)
     g.const("val_0", np.array([4, 4, 4], np.int64))
     parts = [f"split_with_sizes_split_{i}" for i in range(3)]
     g.nodes.append(helper.make_node("Split", ["x", "val_0"], parts, name="node_Split_22", axis=1))
     convs = []
-    for i, (k, prefix) in enumerate(zip((3, 5, 7), ("conv_dw.0", "conv_dw.1", "conv_dw.2"), strict=True)):
-        w = g.weight(f"{prefix}.weight", (4, 1, k, k))
-        conv = g.fresh("conv2d")
-        convs.append(
-            g.op(
-                "Conv", [parts[i], w], conv, name=f"node_Conv_{32 + i}", **conv_attrs(k, pad=k // 2, group=4)
-            )
-        )
+    for i, k in enumerate((3, 5, 7)):
+        w = g.weight(f"conv_dw.{i}.weight", (4, 1, k, k))
+        conv, attrs = g.fresh("conv2d"), conv_attrs(k, pad=k // 2, group=4)
+        convs.append(g.op("Conv", [parts[i], w], conv, name=f"node_Conv_{32 + i}", **attrs))
     cat = g.op("Concat", convs, "cat", name="node_cat", axis=1)
     h = _Dynamo(g).bn(cat, "bn1", 12)
-    out = g.op(
-        "Mul", [h, g.op("Sigmoid", [h], "sigmoid", name="node_Sigmoid_40")], "silu", name="node_Mul_41"
+    sigmoid = g.op("Sigmoid", [h], "sigmoid", name="node_Sigmoid_40")
+    outputs = [g.op("Mul", [h, sigmoid], "silu", name="node_Mul_41")]
+    if shared_branch:
+        outputs.append(g.op("GlobalAveragePool", [convs[0]], "aux", name="node_GlobalAveragePool_42"))
+    return g.model(
+        "main_graph", {"x": (1, 12, 8, 8)}, outputs, opset=20, ir_version=10, producer=TORCH_DYNAMO
     )
-    return g.model("main_graph", {"x": (1, 12, 8, 8)}, [out], opset=20, ir_version=10, producer=TORCH_DYNAMO)
+
+
+def _legacy_bn(g: GraphBuilder, x: str, module: str, c: int, out: str) -> str:
+    """A BatchNorm module as the TorchScript exporter writes it (node ``/<module>/BatchNormalization``)."""
+    names = [f"{module}.{p}" for p in ("weight", "bias", "running_mean", "running_var")]
+    return g.bn(x, out, names, c, name=f"/{module}/BatchNormalization", epsilon=1e-5, momentum=0.9)
+
+
+def _legacy_linear(g: GraphBuilder, x: str, module: str, shape: tuple[int, int], out: str) -> str:
+    """``nn.Linear`` as the TorchScript exporter writes it: ``Gemm(alpha=1, beta=1, transB=1)``."""
+    inputs = [x, g.weight(f"{module}.weight", shape), g.vector(f"{module}.bias", shape[:1])]
+    return g.op("Gemm", inputs, out, name=f"/{module}/Gemm", alpha=1.0, beta=1.0, transB=1)
 
 
 def arcface_head(seed: int) -> onnx.ModelProto:
@@ -227,30 +250,11 @@ def arcface_head(seed: int) -> onnx.ModelProto:
         **tf_conv_attrs(3, pad=1),
     )
     y = g.op("Add", [y, x], "/layer4/layer4.0/Add_output_0", name="/layer4/layer4.0/Add")
-    names = [f"bn2.{p}" for p in ("weight", "bias", "running_mean", "running_var")]
-    y = g.bn(
-        y,
-        "/bn2/BatchNormalization_output_0",
-        names,
-        8,
-        name="/bn2/BatchNormalization",
-        epsilon=1e-5,
-        momentum=0.9,
-    )
+    y = _legacy_bn(g, y, "bn2", 8, "/bn2/BatchNormalization_output_0")
     y = g.op("Dropout", [y], "/dropout/Dropout_output_0", name="/dropout/Dropout", ratio=0.0)
     y = g.op("Flatten", [y], "/Flatten_output_0", name="/Flatten", axis=1)
-    g.weight("fc.weight", (32, 128), fan_in=128)
-    y = g.op(
-        "Gemm",
-        [y, "fc.weight", g.vector("fc.bias", (32,))],
-        "/fc/Gemm_output_0",
-        name="/fc/Gemm",
-        alpha=1.0,
-        beta=1.0,
-        transB=1,
-    )
-    names = [f"features.{p}" for p in ("weight", "bias", "running_mean", "running_var")]
-    out = g.bn(y, "683", names, 32, name="/features/BatchNormalization", epsilon=1e-5, momentum=0.9)
+    y = _legacy_linear(g, y, "fc", (32, 128), "/fc/Gemm_output_0")
+    out = _legacy_bn(g, y, "features", 32, "683")
     return g.model("main_graph", {x: (1, 8, 4, 4)}, [out], opset=11, ir_version=6, producer=TORCH_LEGACY)
 
 
@@ -263,35 +267,11 @@ def tabular_bn_first(seed: int) -> onnx.ModelProto:
     ``b' = b + W·t``); nothing precedes it to fold backward into.
     """
     g = GraphBuilder(seed)
-    names = [f"0.{p}" for p in ("weight", "bias", "running_mean", "running_var")]
-    y = g.bn(
-        "input",
-        "/0/BatchNormalization_output_0",
-        names,
-        16,
-        name="/0/BatchNormalization",
-        epsilon=1e-5,
-        momentum=0.9,
-    )
+    y = _legacy_bn(g, "input", "0", 16, "/0/BatchNormalization_output_0")
     y = g.op(
-        "Gemm",
-        [y, g.weight("1.weight", (32, 16)), g.vector("1.bias", (32,))],
-        "/1/Gemm_output_0",
-        name="/1/Gemm",
-        alpha=1.0,
-        beta=1.0,
-        transB=1,
+        "Relu", [_legacy_linear(g, y, "1", (32, 16), "/1/Gemm_output_0")], "/2/Relu_output_0", name="/2/Relu"
     )
-    y = g.op("Relu", [y], "/2/Relu_output_0", name="/2/Relu")
-    g.op(
-        "Gemm",
-        [y, g.weight("3.weight", (1, 32)), g.vector("3.bias", (1,))],
-        "output",
-        name="/3/Gemm",
-        alpha=1.0,
-        beta=1.0,
-        transB=1,
-    )
+    _legacy_linear(g, y, "3", (1, 32), "output")
     return g.model(
         "main_graph", {"input": (8, 16)}, ["output"], opset=17, ir_version=8, producer=TORCH_LEGACY
     )

@@ -37,6 +37,7 @@ BEFORE = {
     "trap-grouped-add-chw": (0, 0, 0),  # (1,C,H,W) is not per-channel
     "trap-div-by-zero": (0, 1, 0),  # per-channel, but not foldable: a correct folder leaves it
     "trap-reshape-merges-channel": (1, 0, 0),
+    "trap-concat-branch-shared": (1, 0, 0),
 }
 
 
