@@ -48,7 +48,7 @@ from torch import fx, nn
 
 from ..errors import InputError
 from ..report import Folded, FoldReport, Skipped, SkipReason
-from .messages import first_line
+from .messages import first_line, user_code
 from .modules import BnIndex, ExampleInputs, as_args, bn_kind, copy_module, trace
 from .site import Site, check_call, report_entry
 
@@ -95,7 +95,8 @@ def fold_module(
         detail = "the module is itself a BatchNorm: its input is the model input, nothing absorbs it"
         return model, FoldReport(skipped=(Skipped(bn="", reason=SkipReason.NO_PRODUCER, detail=detail),))
     folder = _Folder(model, args, index)
-    result = folder.run().eval()
+    with user_code("fold_module: the module's code", any_error=False):
+        result = folder.run().eval()
     folded = tuple(e for e in folder.entries if isinstance(e, Folded))
     skipped = tuple(e for e in folder.entries if isinstance(e, Skipped))
     return result, FoldReport(folded=folded, skipped=skipped)

@@ -1,7 +1,8 @@
 """Load the user's PyTorch artifacts for the CLI, without unpickling arbitrary objects.
 
 - ``.pt2`` (``torch.export.save``): ``torch.export.load(path).module()``, with the archive's
-  example inputs when it stores them.
+  example inputs when it stores them, once :mod:`bnfold.torch.archive` found nothing in it that
+  loading would unpickle or execute (or the caller passed ``trust_pickles=True``).
 - A TorchScript archive (``torch.jit.save``; a zip holding ``code/`` and ``constants.pkl``):
   ``torch.jit.load``. A ScriptModule has no traceable Python forward, so it is not folded at
   module level: :func:`bnfold.torch.export` exports it to ONNX with
@@ -24,7 +25,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import InputError, MissingDependencyError
-from .messages import few, first_line
+from .archive import unsafe_members
+from .messages import few, first_line, user_code
 
 __all__ = ["TORCH_MISSING", "load_factory", "load_torch_artifact", "require_torch"]
 
@@ -40,8 +42,14 @@ def require_torch() -> Any:
     return torch
 
 
-def load_torch_artifact(path: str | os.PathLike[str]) -> tuple[Any, tuple[Any, ...] | None]:
-    """``(module, example_inputs or None)`` from a ``.pt2`` export archive or a TorchScript file."""
+def load_torch_artifact(
+    path: str | os.PathLike[str], *, trust_pickles: bool = False
+) -> tuple[Any, tuple[Any, ...] | None]:
+    """``(module, example_inputs or None)`` from a ``.pt2`` export archive or a TorchScript file.
+
+    A ``.pt2`` archive is inspected before ``torch.export.load`` sees it: members it would unpickle
+    or execute (:mod:`bnfold.torch.archive`) are refused with an InputError unless
+    ``trust_pickles=True`` says the file comes from a trusted source."""
     torch = require_torch()
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -51,6 +59,8 @@ def load_torch_artifact(path: str | os.PathLike[str]) -> tuple[Any, tuple[Any, .
     if os.path.getsize(path) == 0:
         raise InputError(f"{path}: empty file")
     if path.lower().endswith(".pt2"):
+        if not trust_pickles:
+            _refuse_unsafe_archive(path)
         try:
             program = torch.export.load(path)
         except Exception as exc:
@@ -83,39 +93,38 @@ def load_factory(spec: str, weights: str | os.PathLike[str] | None) -> Any:
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
-    try:
+    where = f"--factory {spec!r}"
+    with user_code(f"{where}: cannot import {mod_name!r}"):
         obj: Any = importlib.import_module(mod_name)
-    except Exception as exc:
-        raise InputError(f"--factory {spec!r}: cannot import {mod_name!r}: {first_line(exc)}") from exc
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise InputError(f"--factory {spec!r}: {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise InputError(f"{where}: {mod_name!r} has no attribute {attr!r}")
+            obj = getattr(obj, part)
     if not callable(obj):
-        raise InputError(f"--factory {spec!r}: {attr!r} is not callable")
-    try:
+        raise InputError(f"{where}: {attr!r} is not callable")
+    with user_code(f"{where}: calling it with no arguments failed"):
         module = obj()
-    except Exception as exc:
-        raise InputError(
-            f"--factory {spec!r}: calling it with no arguments failed: {first_line(exc)}"
-        ) from exc
     if not isinstance(module, torch.nn.Module):
-        raise InputError(f"--factory {spec!r}: returned {type(module).__name__}, not a torch.nn.Module")
-    if weights is not None:
-        state = _load_state_dict(torch, os.fspath(weights))
-        expected = set(module.state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise InputError(
-                f"{os.fspath(weights)}: does not fit {spec}(): "
-                f"missing {few(missing)}, unexpected {few(unexpected)}"
-            )
-        try:
-            module.load_state_dict(state, strict=True)
-        except RuntimeError as exc:  # size mismatches; the message is several lines
-            why = " ".join(line.strip() for line in str(exc).splitlines()[1:3]) or first_line(exc)
-            raise InputError(f"{os.fspath(weights)}: does not fit {spec}(): {why}") from exc
-    return module.eval()
+        raise InputError(f"{where}: returned {type(module).__name__}, not a torch.nn.Module")
+    state = _load_state_dict(torch, os.fspath(weights)) if weights is not None else None
+    with user_code(f"{where}: the module it returned failed"):
+        if state is not None:
+            _load_weights(module, spec, state, os.fspath(weights))
+        return module.eval()
+
+
+def _load_weights(module: Any, spec: str, state: Mapping[str, Any], path: str) -> None:
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise InputError(
+            f"{path}: does not fit {spec}(): missing {few(missing)}, unexpected {few(unexpected)}"
+        )
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # size mismatches; the message is several lines
+        why = " ".join(line.strip() for line in str(exc).splitlines()[1:3]) or first_line(exc)
+        raise InputError(f"{path}: does not fit {spec}(): {why}") from exc
 
 
 def _load_state_dict(torch: Any, path: str) -> Mapping[str, Any]:
@@ -139,6 +148,22 @@ def _load_state_dict(torch: Any, path: str) -> Mapping[str, Any]:
     if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
         obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
+
+
+def _refuse_unsafe_archive(path: str) -> None:
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not a torch.export archive (not a zip file)")
+    try:
+        with zipfile.ZipFile(path) as z:
+            unsafe = unsafe_members(z)
+    except (zipfile.BadZipFile, OSError, RuntimeError) as exc:
+        raise InputError(f"{path}: not a torch.export archive ({first_line(exc)})") from exc
+    if unsafe:
+        raise InputError(
+            f"{path}: holds members that torch.export.load would unpickle or execute ({few(unsafe)}); "
+            "bnfold refuses to run code from a model file: pass trust_pickles=True "
+            "(CLI: --trust-pickles) only if you trust where the file comes from"
+        )
 
 
 def _is_torchscript(path: str) -> bool:

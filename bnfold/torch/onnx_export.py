@@ -31,7 +31,7 @@ from ..report import ExportResult, FoldReport, FoldResult
 from ..verify import VerifyOptions, verify_options
 from .compare import torch_vs_onnx
 from .fold import fold_module
-from .messages import first_line
+from .messages import first_line, user_code
 from .modules import ExampleInputs, as_args, copy_module
 
 __all__ = ["export"]
@@ -79,13 +79,7 @@ def export(
     args = as_args(example_inputs)
     if args is None:
         raise InputError("export: example_inputs are required (a tensor or a tuple of positional inputs)")
-    path = os.path.abspath(os.fspath(path))
     is_script = isinstance(module, torch.jit.ScriptModule)
-    reference = copy_module(module).eval()
-    if is_script:
-        folded, module_report = reference, FoldReport()
-    else:
-        folded, module_report = fold_module(module, example_inputs=args)
     exported = ExportOptions(
         opset_version=opset_version,
         input_names=tuple(input_names) if input_names is not None else None,
@@ -94,6 +88,29 @@ def export(
         dynamic_axes=dynamic_axes,
         dynamo=dynamo and not is_script,
     )
+    path = os.path.abspath(os.fspath(path))
+    with user_code("export: the module's code", any_error=False):
+        return _export(
+            module, args, path, exported, verify=verify, force=force, opts=opts, external_data=external_data
+        )
+
+
+def _export(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    path: str,
+    exported: ExportOptions,
+    *,
+    verify: bool,
+    force: bool,
+    opts: VerifyOptions,
+    external_data: bool | None,
+) -> ExportResult:
+    reference = copy_module(module).eval()
+    if isinstance(module, torch.jit.ScriptModule):
+        folded, module_report = reference, FoldReport()
+    else:
+        folded, module_report = fold_module(module, example_inputs=args)
     extra: dict[str, Any] = {"exporter": "dynamo" if exported.dynamo else "torchscript"}
 
     def result(onnx_result: FoldResult, written: str) -> ExportResult:

@@ -6,10 +6,6 @@ inputs against the *unfolded* module's torch outputs, within 1e-5 of the output'
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -17,12 +13,11 @@ torch = pytest.importorskip("torch")
 import onnx
 from torch import nn
 
-from bnfold.errors import InputError, MissingDependencyError, VerificationError
+from bnfold.errors import InputError, VerificationError
 from bnfold.onnx.fold import count_bn
 from bnfold.report import SkipReason
 from bnfold.torch import export
-from tests.conftest import assert_close, run_ort
-from torch_models import Net, randomize, seeded_torch  # noqa: F401 (autouse fixture)
+from torch_models import Net, check_saved, randomize, seeded_torch  # noqa: F401 (autouse fixture)
 
 
 class DataDependent(nn.Module):
@@ -49,16 +44,6 @@ class LinearOn3D(nn.Module):
 
     def forward(self, x):
         return self.bn(self.fc(x))
-
-
-def check_saved(path: str, module: nn.Module, x: torch.Tensor, *, rtol: float = 1e-5) -> onnx.ModelProto:
-    """The saved model, run by onnxruntime, matches the unfolded module's torch output."""
-    model = onnx.load(path)
-    with torch.no_grad():
-        ref = module(x)
-    refs = [t.numpy() for t in (ref if isinstance(ref, tuple) else (ref,))]
-    assert_close(refs, run_ort(path, {model.graph.input[0].name: x.numpy()}), rtol=rtol)
-    return model
 
 
 def op_types(model: onnx.ModelProto) -> list[str]:
@@ -180,166 +165,6 @@ def test_export_without_verification_still_folds(tmp_path):
 def test_export_rejects_missing_example_inputs(tmp_path):
     with pytest.raises(InputError, match="example_inputs"):
         export(Net(), None, tmp_path / "x.onnx")  # type: ignore[arg-type]
-
-
-# --------------------------------------------------------------------------- bnfold.torch.inputs
-
-
-def test_require_torch_says_how_to_install(monkeypatch):
-    from bnfold.torch import inputs
-
-    assert inputs.require_torch() is torch
-    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
-    with pytest.raises(MissingDependencyError) as info:
-        inputs.require_torch()
-    assert str(info.value) == (
-        "install the torch extra: pip install 'bnfold[torch]' (see README: Choosing your torch)"
-    )
-
-
-def test_load_pt2_archive_gives_module_and_example_inputs(tmp_path):
-    from bnfold.torch.inputs import load_torch_artifact
-
-    module = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
-    x = torch.randn(1, 3, 8, 8)
-    path = tmp_path / "m.pt2"
-    torch.export.save(torch.export.export(module, (x,)), path)
-    loaded, example = load_torch_artifact(path)
-    assert len(example) == 1 and torch.equal(example[0], x)
-    result = export(loaded, example, tmp_path / "m.onnx")
-    assert len(result.onnx_report.folded) == 1 and result.verification.passed
-    assert count_bn(check_saved(result.path, module, x)) == 0
-
-
-def test_load_torchscript_archive(tmp_path):
-    from bnfold.torch.inputs import load_torch_artifact
-
-    module = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
-    path = tmp_path / "m.pt"
-    torch.jit.save(torch.jit.script(module), str(path))
-    loaded, example = load_torch_artifact(path)
-    assert isinstance(loaded, torch.jit.ScriptModule) and example is None
-    x = torch.randn(1, 3, 8, 8)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), module(x))
-
-
-class _Evil:
-    """Unpickling this would create a file: proof that bnfold does not unpickle."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-@pytest.mark.parametrize(
-    ("make", "words"),
-    [
-        (lambda p: torch.save({"w": torch.ones(2)}, p), "not TorchScript"),
-        (lambda p: torch.save(_Evil(p.with_name("pwned")), p), "never unpickles"),
-        (
-            lambda p: torch.save({"w": torch.ones(2)}, p, _use_new_zipfile_serialization=False),
-            "legacy pickle",
-        ),
-        (lambda p: p.write_bytes(b""), "empty file"),
-        (lambda p: p.mkdir(), "directory"),
-        (lambda p: None, "no such file"),
-    ],
-    ids=["state-dict", "pickled-object", "legacy-pickle", "empty", "directory", "missing"],
-)
-def test_load_torch_artifact_refuses_what_it_cannot_load_safely(tmp_path, make, words):
-    from bnfold.torch.inputs import load_torch_artifact
-
-    path = tmp_path / "model.pt"
-    make(path)
-    with pytest.raises(InputError, match=words) as info:
-        load_torch_artifact(path)
-    assert "\n" not in str(info.value)
-    assert not (tmp_path / "pwned").exists()
-
-
-FACTORY_SOURCE = """
-import torch
-from torch import nn
-
-def build():
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-
-def not_a_module():
-    return 42
-
-class Holder:
-    @staticmethod
-    def make():
-        return build()
-"""
-
-
-@pytest.fixture
-def factory_dir(tmp_path, monkeypatch):
-    """A package on the current directory, as the CLI user would have it."""
-    name = f"userzoo_{os.getpid()}"
-    (tmp_path / f"{name}.py").write_text(FACTORY_SOURCE)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    yield name
-    sys.modules.pop(name, None)
-
-
-def test_load_factory_builds_and_loads_weights(tmp_path, factory_dir):
-    from bnfold.torch.inputs import load_factory
-
-    ref = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
-    torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, tmp_path / "w.pt")
-    module = load_factory(f"{factory_dir}:build", str(tmp_path / "w.pt"))
-    assert not module.training
-    for k, v in ref.state_dict().items():
-        assert torch.equal(module.state_dict()[k], v), k
-    assert isinstance(load_factory(f"{factory_dir}:Holder.make", None), nn.Sequential)
-
-
-@pytest.mark.parametrize(
-    ("spec", "weights", "words"),
-    [
-        ("no_colon", None, "expected 'package.module:callable'"),
-        ("nosuchpackage_xyz:build", None, "cannot import"),
-        ("{pkg}:missing", None, "has no attribute"),
-        ("{pkg}:not_a_module", None, "not a torch.nn.Module"),
-        ("{pkg}:build", "wrong-keys", "does not fit"),
-        ("{pkg}:build", "wrong-shape", "does not fit"),
-        ("{pkg}:build", "pickled-object", "weights_only=True"),
-        ("{pkg}:build", "missing", "no such file"),
-    ],
-    ids=[
-        "bad-spec",
-        "no-module",
-        "no-attribute",
-        "not-a-module",
-        "wrong-keys",
-        "wrong-shape",
-        "pickled-object",
-        "missing-weights",
-    ],
-)
-def test_load_factory_errors_are_one_line(tmp_path, factory_dir, spec, weights, words):
-    from bnfold.torch.inputs import load_factory
-
-    w = None
-    if weights is not None:
-        w = tmp_path / "w.pt"
-        good = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).state_dict()
-        if weights == "wrong-keys":
-            torch.save({"conv.weight": torch.ones(1)}, w)
-        elif weights == "wrong-shape":
-            torch.save({**good, "0.weight": torch.ones(4, 3, 5, 5)}, w)
-        elif weights == "pickled-object":
-            torch.save(_Evil(tmp_path / "pwned"), w)
-    with pytest.raises(InputError, match=words) as info:
-        load_factory(spec.format(pkg=factory_dir), None if w is None else str(w))
-    assert "\n" not in str(info.value)
-    assert not (tmp_path / "pwned").exists()
 
 
 # --------------------------------------------------------------------------- bnfold.torch.compare

@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
+import onnx
 from torch import nn
+
+from tests.conftest import assert_close, run_ort
 
 
 @pytest.fixture(autouse=True)
@@ -60,3 +63,13 @@ class Net(nn.Module):
     def forward(self, x):
         y = self.features(x)
         return y, self.bn(self.fc(y.mean((2, 3))))
+
+
+def check_saved(path: str, module: nn.Module, x: torch.Tensor, *, rtol: float = 1e-5) -> onnx.ModelProto:
+    """The saved model, run by onnxruntime at ORT_DISABLE_ALL, matches the unfolded module's torch output."""
+    model = onnx.load(path)
+    with torch.no_grad():
+        ref = module(x)
+    refs = [t.numpy() for t in (ref if isinstance(ref, tuple) else (ref,))]
+    assert_close(refs, run_ort(path, {model.graph.input[0].name: x.numpy()}), rtol=rtol)
+    return model
