@@ -161,7 +161,7 @@ def child_fold_path(src: str, dst: str) -> dict[str, float]:
 def child_bnfold_phases(src: str, dst: str) -> dict[str, float]:
     """bnfold's steps timed from inside: lazy load, fold, save (and the fsync within it)."""
     t0 = time.perf_counter()
-    import bnfold.io as bio
+    import bnfold.onnx.io as bio
     from bnfold.onnx_fold import fold_onnx
 
     t_import = time.perf_counter() - t0
@@ -305,7 +305,7 @@ def _source_bytes(path: str) -> int:
 
 
 def _structure(path: str) -> dict[str, Any]:
-    import bnfold.io as bio
+    import bnfold.onnx.io as bio
 
     model = bio.load_model(path, lazy=True)
     nodes = bn = 0
@@ -506,7 +506,7 @@ def tools(peers: Sequence[str]) -> list[Tool]:
 
 
 def _data_files(path: str) -> list[str]:
-    import bnfold.io as bio
+    import bnfold.onnx.io as bio
 
     model = bio.load_model(path, lazy=True)
     files: list[str] = []
