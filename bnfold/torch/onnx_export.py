@@ -233,12 +233,12 @@ def _quiet() -> Iterator[None]:
 
 
 def _load(path: str) -> Any:
-    from ..io import load_model  # TODO(issue 9): bnfold.onnx.io once it exists
+    from ..onnx.io import load_model
 
     return load_model(path)
 
 
 def _save(model: Any, path: str, *, source_dir: str, external_data: bool | None) -> None:
-    from ..io import save_model  # TODO(issue 9): bnfold.onnx.io once it exists
+    from ..onnx.io import save_model
 
     save_model(model, path, source_dir=source_dir, external_data=external_data)
