@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from bnfold.cli import check, fold
 from bnfold.cli.console import logging_to_stderr, print_error, wants_debug
@@ -31,10 +31,48 @@ from bnfold.cli.results import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    Interrupted,
 )
 from bnfold.errors import BnfoldError
 
 _ROOT_OPTIONS = ("--help", "-h", "--version")
+
+
+class BnfoldCommand(TyperCommand):
+    """Help in the command line's words: arguments without Python types (``MODEL``, not
+    ``MODEL <str>``), and the examples of the epilog as written, under ``Examples:``."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                pieces.append(
+                    f"{param.metavar or param.human_readable_name}{'...' if param.nargs != 1 else ''}"
+                )
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        arguments, options = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                arguments.append(
+                    (param.metavar or param.human_readable_name, getattr(param, "help", "") or "")
+                )
+            else:
+                options.append(record)
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+    def format_epilog(self, ctx: Any, formatter: Any) -> None:
+        if self.epilog:
+            with formatter.section("Examples"):
+                for line in self.epilog.splitlines():
+                    formatter.write(f"{'':>{formatter.current_indent}}{line}\n")
 
 
 class BnfoldGroup(TyperGroup):
@@ -52,6 +90,16 @@ class BnfoldGroup(TyperGroup):
                 )
             args = ["fold", *args]
         return super().parse_args(ctx, args)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        """``bnfold --help`` is the fold's help (what most people run), then the commands."""
+        fold = self.commands["fold"]
+        formatter.write_usage("bnfold", "MODEL [OUT] [OPTIONS]")
+        formatter.write_usage("bnfold check", "MODEL... [OPTIONS]", prefix="       ")
+        self.format_help_text(ctx, formatter)
+        fold.format_options(type(ctx)(fold, info_name="bnfold", parent=ctx), formatter)
+        self.format_commands(ctx, formatter)
+        fold.format_epilog(ctx, formatter)
 
     def main(  # type: ignore[override]
         self,
@@ -94,8 +142,12 @@ def _exit_code_of(exc: BaseException, *, debug: bool) -> int:
     if isinstance(exc, click_exceptions.ClickException):
         print_error(exc.format_message())
         return exc.exit_code
-    if isinstance(exc, (KeyboardInterrupt, typer.Abort)):
-        print("bnfold: interrupted", file=sys.stderr, flush=True)
+    if isinstance(exc, (KeyboardInterrupt, typer.Abort, Interrupted)):
+        print(
+            f"bnfold: {exc if isinstance(exc, Interrupted) and str(exc) else 'interrupted; nothing was written'}",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_INTERRUPTED
     if isinstance(exc, BnfoldError):
         if debug:
@@ -138,8 +190,12 @@ def _root(version: VersionOption = False) -> None:
     """Fold BatchNormalization, verified with onnxruntime."""
 
 
-app.command("fold", help=fold.HELP)(fold.fold_command)
-app.command("check", help=check.HELP)(check.check_command)
+app.command("fold", cls=BnfoldCommand, help=fold.HELP, short_help=fold.SHORT_HELP, epilog=fold.EXAMPLES)(
+    fold.fold_command
+)
+app.command("check", cls=BnfoldCommand, help=check.HELP, short_help=check.SHORT_HELP, epilog=check.EXAMPLES)(
+    check.check_command
+)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -47,6 +47,7 @@ from bnfold.cli.options import (
     VersionOption,
     shapes_of,
 )
+from bnfold.cli.paths import refuse_report_over
 from bnfold.cli.reports import check_writable, emit_json, write_text_atomic
 from bnfold.cli.results import CheckOptions, CheckResult, CheckStatus, ModelCheck
 from bnfold.cli.stats import model_stats
@@ -62,6 +63,13 @@ HELP = (
     "(files, directories searched for *.onnx, glob patterns). Folds nothing, writes nothing. "
     "Exit 0 clean, 1 findings, 2 unreadable input."
 )
+
+SHORT_HELP = "Report BN that could still be folded; writes nothing."
+EXAMPLES = """\
+bnfold check model.onnx
+bnfold check models/ 'exports/**/*.onnx' -j 0 --junit-xml bnfold.xml
+bnfold check deployed.onnx --against source.onnx   # also verify they compute the same
+bnfold check models/ --strict --json               # any BN left is a finding"""
 
 
 def check_command(
@@ -118,6 +126,9 @@ def check_command(
     check_writable(json_file, "--json-file")
     check_writable(junit_xml, "--junit-xml")
     paths = discover_models(models)
+    protected = [*paths, *([against] if against else [])]
+    refuse_report_over(json_file, "--json-file", protected)
+    refuse_report_over(junit_xml, "--junit-xml", protected)
     if against is not None:
         if len(paths) != 1:
             raise typer.BadParameter(

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from bnfold.cli.console import Ui, one_line
+from bnfold.cli.names import exclude_outputs
 from bnfold.cli.options import (
     AtolOption,
     DebugOption,
@@ -30,19 +31,37 @@ from bnfold.cli.options import (
     VersionOption,
     shapes_of,
 )
-from bnfold.cli.paths import resolve_paths, same_file
+from bnfold.cli.paths import (
+    Target,
+    make_folders,
+    refuse_report_over,
+    remove_empty_folders,
+    resolve_paths,
+    same_file,
+)
 from bnfold.cli.reports import check_writable, emit_json
 from bnfold.cli.request import FoldRequest, not_written, written
-from bnfold.cli.results import FoldOutcome
-from bnfold.cli.stats import stats_for_path
+from bnfold.cli.results import FoldOutcome, Interrupted
+from bnfold.cli.stats import model_stats, stats_for_path
 from bnfold.errors import BnfoldError, VerificationError
+from bnfold.onnx.io import load_model
 
 HELP = (
     "Fold BatchNormalization in MODEL, verify the result against MODEL with onnxruntime and write "
-    "it (default: <stem>.folded.onnx beside MODEL). bnfold MODEL is short for "
+    "it to OUT (default: <stem>.folded.onnx beside MODEL). bnfold MODEL is short for "
     "bnfold fold MODEL. MODEL may also be a torch.export .pt2 or TorchScript .pt file, "
     "or use --factory."
 )
+
+SHORT_HELP = "Fold BN in MODEL, verify, write OUT (the default command)."
+EXAMPLES = """\
+bnfold model.onnx                           # writes model.folded.onnx, verified
+bnfold model.onnx deploy/                   # writes deploy/model.folded.onnx
+bnfold model.onnx out.onnx --shape input:1,3,224,224
+bnfold model.onnx -o out.onnx --json report.json --strict
+bnfold model.onnx --in-place --exclude bn3  # keep one BN, overwrite MODEL
+bnfold --factory mypkg.nets:make --weights w.pt --shape x=1x3x32x32 -o net.onnx
+bnfold check models/ --junit-xml bnfold.xml # CI: BN left that could be folded"""
 
 
 def fold_command(
@@ -52,10 +71,23 @@ def fold_command(
             metavar="MODEL", help="model.onnx (or .pt2/.pt with torch installed).", show_default=False
         ),
     ] = None,
+    out: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[OUT]",
+            help="Where to write the folded model (the same as -o).",
+            show_default=False,
+        ),
+    ] = None,
     output: Annotated[
         str | None,
         typer.Option(
-            "-o", "--output", metavar="OUT", help="Where to write the folded model.", show_default=False
+            "-o",
+            "--output",
+            metavar="OUT",
+            help="Where to write the folded model; a folder (deploy/, created if missing) gets "
+            "<stem>.folded.onnx. Default: <stem>.folded.onnx beside MODEL.",
+            show_default=False,
         ),
     ] = None,
     in_place: Annotated[
@@ -104,8 +136,9 @@ def fold_command(
         list[str] | None,
         typer.Option(
             "--exclude",
-            metavar="TENSOR",
-            help="Leave the BN writing this tensor name unfolded (ONNX). Repeatable.",
+            metavar="NAME",
+            help="Leave this BatchNormalization unfolded: its node name (as reports print it) or its "
+            "output tensor (ONNX). Repeatable.",
             show_default=False,
         ),
     ] = None,
@@ -122,13 +155,14 @@ def fold_command(
     from bnfold.verify import VerifyOptions
 
     ui = Ui(quiet=quiet, verbose=verbose, json_stdout=json_stdout)
+    target = resolve_paths(model, out, output, in_place=in_place, factory=factory)
     check_writable(json_file, "--json-file")
-    source, out = resolve_paths(model, output, in_place=in_place, factory=factory)
+    refuse_report_over(json_file, "--json-file", [target.source, target.output])
     if weights and not factory:
         raise typer.BadParameter("--weights needs --factory", param_hint="--weights")
     request = FoldRequest(
-        source=source,
-        output=out,
+        source=target.source,
+        output=target.output,
         verify=verify,
         force=force,
         options=VerifyOptions(
@@ -142,22 +176,38 @@ def fold_command(
     )
     if request.is_torch and exclude:
         raise typer.BadParameter("--exclude applies to ONNX models", param_hint="--exclude")
-    with ui.status():
-        if request.is_torch:
-            from bnfold.cli.fold_torch import fold_torch
-
-            outcome = fold_torch(request, progress=ui.progress)
-        else:
-            outcome = fold_onnx_request(request, progress=ui.progress)
+    outcome = _run(request, target, ui)
     from bnfold.cli.render import fold_summary
 
-    ui.out.print(fold_summary(outcome, verbose=ui.verbose))
-    if json_stdout or json_file:
-        emit_json(outcome.to_dict(), to_stdout=json_stdout, path=json_file)
+    try:
+        ui.out.print(fold_summary(outcome, verbose=ui.verbose))
+        if json_stdout or json_file:
+            emit_json(outcome.to_dict(), to_stdout=json_stdout, path=json_file)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; {outcome.output} was written" if outcome.written else "") from None
     if outcome.exit_code:
         if outcome.error and (ui.quiet or json_stdout):
             print(f"bnfold: {one_line(outcome.error)}", file=sys.stderr, flush=True)
         raise typer.Exit(outcome.exit_code)
+
+
+def _run(request: FoldRequest, target: Target, ui: Ui) -> FoldOutcome:
+    """Run the request under the spinner, in the folders ``-o deploy/`` needs (removed again
+    when nothing was written)."""
+    outcome: FoldOutcome | None = None
+    make_folders(target.new_folders)
+    try:
+        with ui.status():
+            if request.is_torch:
+                from bnfold.cli.fold_torch import fold_torch
+
+                outcome = fold_torch(request, progress=ui.progress)
+            else:
+                outcome = fold_onnx_request(request, progress=ui.progress)
+        return outcome
+    finally:
+        if outcome is None or not outcome.written:
+            remove_empty_folders(target.new_folders)
 
 
 def fold_onnx_request(req: FoldRequest, *, progress: Callable[[str], None]) -> FoldOutcome:
@@ -166,7 +216,10 @@ def fold_onnx_request(req: FoldRequest, *, progress: Callable[[str], None]) -> F
 
     start = time.perf_counter()
     progress(f"reading {req.source}")
-    before = stats_for_path(req.source)
+    model = load_model(req.source, lazy=True)
+    before = model_stats(model, req.source)
+    exclude = exclude_outputs(model, req.exclude, path=req.source)
+    del model
     in_place = same_file(req.source, req.output)
     try:
         result = api.fold_path(
@@ -177,7 +230,7 @@ def fold_onnx_request(req: FoldRequest, *, progress: Callable[[str], None]) -> F
             force=req.force,
             options=req.options,
             external_data=req.external_data,
-            exclude=req.exclude,
+            exclude=exclude,
             progress=progress,
         )
     except VerificationError as exc:

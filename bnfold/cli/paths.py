@@ -1,18 +1,34 @@
-"""Where ``bnfold MODEL`` reads and writes: the source, the output path (default
-``<stem>.folded.onnx`` beside MODEL; into a folder given as ``-o``), never over the input
-without ``--in-place``."""
+"""Where ``bnfold MODEL`` reads and writes: the source, the output path (``OUT`` or ``-o``;
+default ``<stem>.folded.onnx`` beside MODEL; ``<stem>.folded.onnx`` inside a folder given as
+``-o deploy/``, created when missing), never over the input without ``--in-place``, never over a
+special file, and report files never over a model."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import typer
 
 from bnfold.cli.options import UsageError
 from bnfold.errors import InputError
+from bnfold.onnx.io.atomic import check_output
 
 TORCH_SUFFIXES = (".pt2", ".pt", ".pth", ".ts")
 """Inputs handled by the PyTorch path: ``torch.export`` archives (.pt2) and TorchScript."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a fold reads and where it writes."""
+
+    source: str
+    """A model path, or the ``--factory`` spec."""
+    output: str
+    new_folders: tuple[str, ...] = ()
+    """Folders of ``output`` that do not exist yet (``-o deploy/``), outermost first."""
 
 
 def same_file(a: str, b: str) -> bool:
@@ -28,15 +44,23 @@ def default_output(source: str) -> str:
 
 
 def resolve_paths(
-    model: str | None, output: str | None, *, in_place: bool, factory: str | None
-) -> tuple[str, str]:
-    """The source and the output path, refusing to overwrite the input without --in-place."""
+    model: str | None, out: str | None, output: str | None, *, in_place: bool, factory: str | None
+) -> Target:
+    """The source and the output path (``out`` is the second positional, ``output`` is ``-o``),
+    checked before any work: refuses to overwrite the input without --in-place, a special file,
+    an unwritable folder."""
+    if out is not None and output is not None:
+        raise UsageError(f"the output is given twice ({out} and -o {output}); give OUT or -o, not both")
+    output = output if output is not None else out
+    if output == "":
+        raise typer.BadParameter("the output path is empty", param_hint="-o/--output")
     if factory is not None:
         if model is not None:
             raise typer.BadParameter("give either MODEL or --factory, not both", param_hint="MODEL")
         if output is None:
             raise typer.BadParameter("--factory needs -o/--output", param_hint="-o/--output")
-        return f"{factory}", output
+        check_output(os.path.abspath(output), output)
+        return Target(factory, output)
     if model is None:
         raise UsageError("missing MODEL (bnfold MODEL -o OUT)")
     if os.path.isdir(model):
@@ -50,13 +74,61 @@ def resolve_paths(
             )
         if model.lower().endswith(TORCH_SUFFIXES):
             raise typer.BadParameter("--in-place needs an ONNX model", param_hint="--in-place")
-        return model, model
+        return Target(model, model)
+    new_folders: tuple[str, ...] = ()
     if output is None:
         output = default_output(model)
-    elif os.path.isdir(output):
+    elif output.endswith(("/", os.sep)) or os.path.isdir(output):
+        new_folders = tuple(_missing_folders(output))
         output = os.path.join(output, os.path.basename(default_output(model)))
     if same_file(output, model):
         raise typer.BadParameter(
             f"{output} is the input model; pass --in-place to overwrite it", param_hint="-o/--output"
         )
-    return model, output
+    if not new_folders:
+        check_output(os.path.abspath(output), output)
+    return Target(model, output, new_folders)
+
+
+def _missing_folders(folder: str) -> Iterator[str]:
+    """The folders on the way to ``folder`` that do not exist, outermost first; refuses a
+    path whose existing part is not a folder."""
+    missing: list[str] = []
+    path = os.path.abspath(folder)
+    while not os.path.isdir(path):
+        if os.path.lexists(path):
+            raise InputError(f"{folder}: {path} exists and is not a folder")
+        missing.append(path)
+        path = os.path.dirname(path)
+    if missing and not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"{folder}: cannot create it: permission denied in {path}")
+    return reversed(missing)
+
+
+def make_folders(folders: tuple[str, ...]) -> None:
+    """Create the missing folders of ``-o deploy/``, outermost first."""
+    for folder in folders:
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise InputError(f"{folder}: cannot create the folder ({exc.strerror or exc})") from exc
+
+
+def remove_empty_folders(folders: tuple[str, ...]) -> None:
+    """Undo :func:`make_folders` where nothing was written, so a refused fold leaves no trace."""
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+def refuse_report_over(report: str | None, option: str, protected: Iterable[str]) -> None:
+    """Refuse a report path (``--json-file``, ``--junit-xml``) that names a model or an output."""
+    if report is None:
+        return
+    for path in protected:
+        if same_file(report, path):
+            raise typer.BadParameter(
+                f"{report} names a model of this run ({path}); write the report elsewhere", param_hint=option
+            )

@@ -11,10 +11,12 @@ from typing import Any
 import typer
 
 from bnfold.onnx.io import write_text_atomic
+from bnfold.onnx.io.atomic import check_output
 
 
 def check_writable(path: str | None, option: str) -> None:
-    """Refuse a report path whose folder does not exist before doing any work."""
+    """Refuse a report path whose folder does not exist, or that names a special file or an
+    unwritable place, before doing any work."""
     if path is None:
         return
     folder = os.path.dirname(os.path.abspath(path))
@@ -22,6 +24,7 @@ def check_writable(path: str | None, option: str) -> None:
         raise typer.BadParameter(f"{path} is a directory", param_hint=option)
     if not os.path.isdir(folder):
         raise typer.BadParameter(f"{path}: folder {folder} does not exist", param_hint=option)
+    check_output(os.path.abspath(path), path)
 
 
 def emit_json(document: dict[str, Any], *, to_stdout: bool, path: str | None) -> None:

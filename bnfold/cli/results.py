@@ -25,6 +25,11 @@ EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process killed by it
 
+
+class Interrupted(Exception):
+    """Ctrl-C, saying what was already written (an empty message: nothing was)."""
+
+
 SCHEMA_VERSION = 1
 """Version of the JSON documents; bumped when a key changes meaning or disappears."""
 

@@ -1,0 +1,247 @@
+"""Issue 11: the forms people bring from onnxsim, onnxslim and polygraphy work, and the help
+reads in the command line's words. CliRunner for the options and exit codes; the installed
+entry point in a subprocess for the common forms."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from cli_builders import conv_bn_model, save
+from typer.testing import CliRunner
+
+from bnfold.cli import app, parse_shape
+from conftest import run_ort
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def model(tmp_path: Path, rng: np.random.Generator) -> Path:
+    """Conv -> BN bn1 (foldable, writes bn1_out) -> Relu -> BN bn2 (left)."""
+    return Path(save(conv_bn_model(rng, second_bn=True), tmp_path / "m.onnx"))
+
+
+def one_error_line(stderr: str, *needles: str) -> None:
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bnfold: error: "), stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def bn_names(path: Path) -> list[str]:
+    return [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "BatchNormalization"]
+
+
+def bnfold_exe() -> list[str]:
+    exe = shutil.which("bnfold", path=os.path.dirname(sys.executable))
+    return [exe] if exe else [sys.executable, "-m", "bnfold"]
+
+
+def run_bnfold(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "BNFOLD_DEBUG"}
+    return subprocess.run(
+        [*bnfold_exe(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# bnfold IN OUT
+
+
+def test_second_positional_is_the_output(model: Path, rng: np.random.Generator) -> None:
+    out = model.with_name("out.onnx")
+    result = runner.invoke(app, [str(model), str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert bn_names(out) == ["bn2"]
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(
+        run_ort(str(out), {"x": x})[0], run_ort(str(model), {"x": x})[0], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_output_given_twice_is_a_usage_error(model: Path) -> None:
+    result = runner.invoke(
+        app, [str(model), str(model.with_name("a.onnx")), "-o", str(model.with_name("b.onnx"))]
+    )
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "given twice", "a.onnx", "b.onnx")
+    assert sorted(p.name for p in model.parent.iterdir()) == ["m.onnx"]
+
+
+def test_entry_point_in_out_form(model: Path) -> None:
+    proc = run_bnfold("m.onnx", "out.onnx", cwd=model.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert bn_names(model.with_name("out.onnx")) == ["bn2"]
+
+
+# --------------------------------------------------------------------------------------------
+# -o deploy/
+
+
+@pytest.mark.parametrize("how", ["option", "positional"], ids=["option", "positional"])
+def test_output_folder_with_slash_is_created(model: Path, how: str) -> None:
+    folder = model.parent / "deploy" / "v2"
+    args = ["-o", f"{folder}/"] if how == "option" else [f"{folder}/"]
+    result = runner.invoke(app, [str(model), *args, "-q"])
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(folder)) == ["m.folded.onnx"]
+    assert bn_names(folder / "m.folded.onnx") == ["bn2"]
+
+
+def test_output_folder_created_is_removed_when_nothing_is_written(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """A fold refused by verification (an op onnxruntime cannot run) leaves no empty folder behind."""
+    from onnx import helper
+
+    m = conv_bn_model(rng)
+    m.graph.node[-1].CopyFrom(
+        helper.make_node("Swish", ["bn1_out"], ["y"], domain="com.example", name="custom")
+    )
+    m.opset_import.append(helper.make_opsetid("com.example", 1))
+    src = save(m, tmp_path / "custom.onnx")
+    result = runner.invoke(app, [src, "-o", str(tmp_path / "deploy") + "/", "-q"])
+    assert result.exit_code == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.onnx"]
+
+
+def test_output_folder_without_slash_that_does_not_exist_is_exit_2(model: Path) -> None:
+    result = runner.invoke(app, [str(model), "-o", str(model.parent / "nodir" / "x.onnx")])
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "does not exist")
+
+
+def test_empty_output_is_refused(model: Path) -> None:
+    result = runner.invoke(app, [str(model), "-o", ""])
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "-o/--output", "empty")
+    assert sorted(p.name for p in model.parent.iterdir()) == ["m.onnx"]
+
+
+# --------------------------------------------------------------------------------------------
+# --shape NAME:DIMS
+
+
+@pytest.mark.parametrize(
+    ("spec", "parsed"),
+    [
+        ("input:1,3,224,224", ("input", (1, 3, 224, 224))),
+        ("input:1x3x224x224", ("input", (1, 3, 224, 224))),
+        ("input:[1,3,224,224]", ("input", (1, 3, 224, 224))),
+        ("input=[1, 3, 224, 224]", ("input", (1, 3, 224, 224))),
+        ("input:0:1,3", ("input:0", (1, 3))),
+        ("input:0=1x3", ("input:0", (1, 3))),
+    ],
+    ids=["colon-commas", "colon-x", "colon-brackets", "equals-brackets", "tf-name-colon", "tf-name-equals"],
+)
+def test_parse_shape_peer_forms(spec: str, parsed: tuple[str, tuple[int, ...]]) -> None:
+    assert parse_shape(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["x:1,3,8,8", "x:[1,3,8,8]"], ids=["colon", "brackets"])
+def test_shape_peer_forms_through_the_cli(model: Path, spec: str) -> None:
+    result = runner.invoke(app, [str(model), "-o", str(model.with_name("f.onnx")), "--shape", spec, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["verification"]["status"] == "passed"
+    assert [i["shape"] for i in doc["verification"]["inputs"]] == [[1, 3, 8, 8]]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--shape", "x=99999999999999999999"], ("--shape", "larger than")),
+        (["--shape", "x:[1,3"], ("--shape", "x:[1,3")),
+        (["--seed", "-1"], ("--seed",)),
+    ],
+    ids=["twenty-digit-dimension", "unclosed-bracket", "negative-seed"],
+)
+def test_out_of_range_numbers_are_one_line_exit_2(
+    model: Path, args: list[str], needles: tuple[str, ...]
+) -> None:
+    result = runner.invoke(app, [str(model), *args])
+    assert result.exit_code == 2
+    one_error_line(result.stderr, *needles)
+    assert sorted(p.name for p in model.parent.iterdir()) == ["m.onnx"]
+
+
+def test_entry_point_negative_seed(model: Path) -> None:
+    proc = run_bnfold("m.onnx", "--seed", "-1", cwd=model.parent)
+    assert proc.returncode == 2 and proc.stdout == ""
+    one_error_line(proc.stderr, "--seed")
+
+
+# --------------------------------------------------------------------------------------------
+# --exclude takes what the reports print
+
+
+@pytest.mark.parametrize("name", ["bn1", "bn1_out"], ids=["node-name", "tensor-name"])
+def test_exclude_by_node_or_tensor_name(model: Path, name: str) -> None:
+    result = runner.invoke(
+        app, [str(model), "-o", str(model.with_name("f.onnx")), "--exclude", name, "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["report"]["bn_folded"] == 0
+    assert {(s["bn"], s["reason"]) for s in doc["report"]["skipped"]} >= {("bn1", "excluded")}
+    assert bn_names(model.with_name("f.onnx")) == ["bn1", "bn2"]
+
+
+def test_exclude_an_unnamed_bn_by_its_printed_label(tmp_path: Path, rng: np.random.Generator) -> None:
+    m = conv_bn_model(rng)
+    bn = next(n for n in m.graph.node if n.op_type == "BatchNormalization")
+    bn.name = ""
+    src = save(m, tmp_path / "u.onnx")
+    result = runner.invoke(
+        app, [src, "-o", str(tmp_path / "f.onnx"), "--exclude", "BatchNormalization(bn1_out)", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["report"]["skipped"][0]["reason"] == "excluded"
+
+
+@pytest.mark.parametrize(
+    ("name", "needles"),
+    [("nope", ("no BatchNormalization", "'nope'")), ("relu1", ("Relu", "not a BatchNormalization"))],
+    ids=["unknown", "not-a-bn"],
+)
+def test_exclude_that_matches_no_bn_is_exit_2(model: Path, name: str, needles: tuple[str, ...]) -> None:
+    result = runner.invoke(app, [str(model), "-o", str(model.with_name("f.onnx")), "--exclude", name])
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "--exclude", *needles)
+    assert not model.with_name("f.onnx").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# help
+
+
+def test_root_help_shows_the_fold_options_examples_and_no_python_types() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    text = result.stdout
+    for needle in (
+        "Usage: bnfold MODEL [OUT] [OPTIONS]",
+        "--shape",
+        "--exclude",
+        "Examples:",
+        "bnfold check models/",
+    ):
+        assert needle in text, text
+    assert "<str>" not in text and "list[str]" not in text
+    assert "Fold BN in MODEL, verify, write OUT (the default command)." in text  # not cut short
+
+
+@pytest.mark.parametrize("command", ["fold", "check"], ids=["fold", "check"])
+def test_command_help_has_no_python_types(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    assert "<str>" not in result.stdout and "<list" not in result.stdout and "{MODEL}" not in result.stdout
+    assert "Examples:" in result.stdout
