@@ -239,10 +239,23 @@ def resolve_location(base_dir: str, location: str, tensor_name: str, where: str)
     return path
 
 
+class Files:
+    """What one load or save learnt about the files it reads: resolved locations and their stats.
+
+    Models name one data file from thousands of tensors; each is resolved (a symbolic-link
+    walk) and ``stat``-ed once per operation, not once per tensor.
+    """
+
+    def __init__(self) -> None:
+        self.paths: dict[tuple[str, str], str] = {}
+        self.stats: dict[str, os.stat_result] = {}
+
+
 def payload_span(
-    tensor: onnx.TensorProto, base_dir: str | None, where: str
+    tensor: onnx.TensorProto, base_dir: str | None, where: str, files: Files | None = None
 ) -> tuple[str, int, int, ExternalRef]:
     """``(path, offset, length, ref)`` of an external or stub tensor's bytes, checked against the file."""
+    files = files or Files()
     ref = external_ref(tensor, where)
     if ref.source is not None:
         path = ref.source.path
@@ -252,10 +265,14 @@ def payload_span(
             "pass the directory of the model it came from (base_dir / source_dir)"
         )
     else:
-        path = resolve_location(base_dir, ref.location, tensor.name, where)
+        path = files.paths.get((base_dir, ref.location), "")
+        if not path:
+            path = resolve_location(base_dir, ref.location, tensor.name, where)
+            files.paths[(base_dir, ref.location)] = path
     location = ref.source.location if ref.source is not None else ref.location
     try:
-        st = os.stat(path)
+        st = files.stats.get(path) or os.stat(path)
+        files.stats[path] = st
     except FileNotFoundError:
         raise InputError(
             f"{where}: external data file {location!r} for tensor '{tensor.name}' is missing "

@@ -31,6 +31,7 @@ from .diagnose import check_model_fields, diagnose
 from .external import (
     EXTERNAL,
     ExternalRef,
+    Files,
     Source,
     external_ref,
     file_stamp,
@@ -239,8 +240,10 @@ def _check_tensors(
     the file (a lazily loaded model written with ``onnx.save``) and is refused.
     """
 
+    files = Files()
+
     def span(tensor: onnx.TensorProto) -> tuple[str, int, int, ExternalRef]:
-        found = payload_span(tensor, base_dir, path)
+        found = payload_span(tensor, base_dir, path, files)
         if found[3].source is not None and found[3].location != token:
             raise reserved_error(tensor, path, f"location {found[3].location!r}")
         return found

@@ -28,6 +28,7 @@ from .atomic import check_output, commit, create_temp, remove_stale, terminate_a
 from .datanames import choose_data_name, obsolete_data_files, old_data_files
 from .external import (
     EXTERNAL,
+    Files,
     add_entry,
     graph_tensors,
     is_external,
@@ -186,11 +187,13 @@ class _Writer:
         self.data_name = ""
         self._fds: dict[str, int] = {}
         self._data_sources: set[str] = set()
+        self._files = Files()
+        self._real: dict[str, str] = {}
 
     # -- sources ---------------------------------------------------------------------------
 
     def _source_fd(self, path: str) -> int:
-        key = os.path.realpath(path)
+        key = self._real.get(path) or self._real.setdefault(path, os.path.realpath(path))
         fd = self._fds.get(key)
         if fd is None:
             try:
@@ -202,11 +205,13 @@ class _Writer:
 
     def _span(self, tensor: onnx.TensorProto) -> tuple[tuple[str, int, int], bool]:
         """The payload's ``(path, offset, length)`` and whether it is a stub into a model file."""
-        path, offset, length, ref = payload_span(tensor, self.source_dir, f"tensor '{tensor.name}'")
+        path, offset, length, ref = payload_span(
+            tensor, self.source_dir, f"tensor '{tensor.name}'", self._files
+        )
         self._source_fd(path)  # opened now: an in-place save replaces the source only at the end
         stub = ref.source is not None and ref.source.embedded
         if not stub:
-            self._data_sources.add(os.path.realpath(path))
+            self._data_sources.add(self._real[path])
         return (path, offset, length), stub
 
     # -- plan --------------------------------------------------------------------------------
