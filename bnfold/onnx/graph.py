@@ -137,8 +137,12 @@ class Namespace:
             for i in node.input:
                 if i:
                     self.uses[i] += 1
-            for _, g in subgraphs(node):
-                self.scan_graph(g)
+            for a in node.attribute:  # inline subgraphs(): this loop runs once per node
+                if a.type == onnx.AttributeProto.GRAPH:
+                    self.scan_graph(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for g in a.graphs:
+                        self.scan_graph(g)
 
     def fresh_name(self, base: str) -> str:
         """A name that collides with nothing in this namespace (and is reserved from now on)."""

@@ -150,11 +150,19 @@ def _name(element: Any) -> str:
 
 
 def _truncate(container: Any, dead: Collection[Any], key: Callable[[Any], Any] = _name) -> None:
-    """Remove the elements whose ``key`` is in ``dead``: one stable sort, one truncation."""
-    n_dead = sum(1 for e in container if key(e) in dead)
-    if n_dead:
-        container.sort(key=lambda e: key(e) in dead)
-        del container[len(container) - n_dead :]
+    """Remove the elements whose ``key`` is in ``dead``: one stable sort, one truncation.
+
+    Members of ``dead`` are normally keys of one element each; the tail is checked before it
+    is cut, and counted when that does not hold.
+    """
+    if not dead:
+        return
+    container.sort(key=lambda e: key(e) in dead)
+    size, n_dead = len(container), len(dead)
+    tail_is_dead = n_dead <= size and all(key(e) in dead for e in container[size - n_dead :])
+    if not tail_is_dead or (n_dead < size and key(container[size - n_dead - 1]) in dead):
+        n_dead = sum(1 for e in container if key(e) in dead)
+    del container[size - n_dead :]
 
 
 def flush(scope: Scope) -> None:
@@ -177,9 +185,10 @@ def remove_dead(scopes: list[Scope]) -> None:
         for scope in scopes:
             uses = scope.ns.uses
             for n in scope.nodes:
+                key = node_id(n)
                 if (
-                    node_id(n) in scope.const_nodes
-                    and node_id(n) not in scope.doomed
+                    key in scope.const_nodes
+                    and key not in scope.doomed
                     and all(uses[o] <= 0 and o not in scope.outputs for o in n.output if o)
                 ):
                     kill(scope, n)
