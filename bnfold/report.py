@@ -53,6 +53,19 @@ class SkipReason(str, enum.Enum):
     """PyTorch: the module's dataflow could not be traced, so no pair can be proven."""
     EXCLUDED = "excluded"
     """The caller asked not to fold this BN."""
+    CONSTANT_ON_LAST_AXIS = "constant-on-last-axis"
+    """A Mul/Add/Sub/Div constant of shape (C,) on a tensor of rank > 2 broadcasts over the LAST
+    axis, not the channel axis (onnxslim folds it as per-channel, wrongly)."""
+    NOT_PER_CHANNEL = "not-per-channel"
+    """A Mul/Add/Sub/Div constant varies along more than one axis, e.g. (1,C,H,W): not a per-channel map."""
+    DIVISION_BY_ZERO = "division-by-zero"
+    """A Div by a constant with a zero element: ``x / 0`` is not ``W / 0``."""
+    AXIS_NOT_PRESERVED = "axis-not-preserved"
+    """A Reshape/Flatten/Squeeze/Unsqueeze between the layer and the map does not provably keep
+    the channel axis (static shapes missing, or channels merged/split with another axis)."""
+    FORWARD_PADDING = "forward-padding"
+    """A map before a zero-padded Conv has a non-zero shift: the padded borders would not see it,
+    so folding it forward is not exact."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,13 @@ class Folded:
     """Where the node lives: "" for the main graph, else e.g. ``If_0/then_branch`` or ``function:name``."""
     new_initializers: tuple[str, ...] = ()
     """Initializers created by this fold (a shared weight gets its own copy)."""
+    source: str = "batchnorm"
+    """What was absorbed: ``batchnorm``, ``mul-add chain`` (Mul/Add/Sub/Div by per-channel
+    constants) or ``bias add`` (an Add/Sub of a per-channel constant alone)."""
+    direction: str = "backward"
+    """``backward``: into the layer before the map; ``forward``: into the layer after it."""
+    through: tuple[str, ...] = ()
+    """Op types looked through between the map and the layer (Identity, Transpose, Reshape...)."""
 
     def to_dict(self) -> dict[str, Any]:
         return _asdict(self)
@@ -88,6 +108,9 @@ class Skipped:
     graph: str = ""
     producer: str = ""
     producer_op: str = ""
+    source: str = "batchnorm"
+    """What was left: a ``batchnorm`` node, or a ``mul-add chain``/``bias add`` after a layer
+    that matches a foldable shape but was refused (see :attr:`Folded.source`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return _asdict(self)
