@@ -148,7 +148,7 @@ def check_command(
     result = _run_with_progress(paths, options, jobs=jobs or os.cpu_count() or 1, ui=ui)
     _report_on_stderr(result, ui=ui, debug=debug)
     if any(m.status is not CheckStatus.ERROR for m in result.models):
-        ui.out.print(check_summary(result, verbose=ui.verbose))
+        ui.print(check_summary(result, verbose=ui.verbose))
     if json_stdout or json_file:
         emit_json(result.document(), to_stdout=json_stdout, path=json_file)
     if junit_xml:
@@ -184,7 +184,8 @@ def _report_on_stderr(result: CheckResult, *, ui: Ui, debug: bool) -> None:
             n = len(m.findings)
             listed = "; ".join(m.findings[:3]) + (f"; and {n - 3} more" if n > 3 else "")
             print(
-                f"bnfold: {m.path}: {n} finding{'s' if n != 1 else ''}: {one_line(listed)}", file=sys.stderr
+                f"bnfold: {one_line(m.path)}: {n} finding{'s' if n != 1 else ''}: {one_line(listed)}",
+                file=sys.stderr,
             )
 
 

@@ -12,12 +12,21 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any
+from typing import Any, TextIO
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (ESC, BEL, newlines...) and other unprintable ones
+    written as escapes (``\\x1b``), so a name cannot drive the terminal or break a line."""
+    if str(text).isprintable():
+        return str(text)
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
 def one_line(text: str) -> str:
-    """``text`` with every run of white space (newlines included) folded into one space."""
-    return " ".join(str(text).split())
+    """``text`` on one printable line: every run of white space (newlines included) folded
+    into one space, control characters escaped."""
+    return printable(" ".join(str(text).split()))
 
 
 def print_error(message: str) -> None:
@@ -72,6 +81,54 @@ def logging_to_stderr(args: Sequence[str]) -> Iterator[None]:
         logger.setLevel(old_level)
 
 
+_ASCII = str.maketrans({"→": "->", "…": "...", "—": "-", "─": "-", "━": "-", "✓": "ok"})
+"""What the CLI's own words use beyond ASCII, and what a console that cannot encode them gets."""
+
+
+class _AsciiFallback:
+    """A text stream for a console whose encoding cannot write ``→`` (cp1252, ascii):
+    our symbols become ASCII, any other unencodable character a backslash escape."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.encoding = stream.encoding
+
+    def write(self, text: str) -> int:
+        safe = text.translate(_ASCII).encode(self.encoding, "backslashreplace").decode(self.encoding)
+        return self._stream.write(safe)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+
+def _stream_for(stream: TextIO | None) -> TextIO | _AsciiFallback | None:
+    """``stream``, wrapped when its encoding cannot write the CLI's symbols."""
+    encoding = getattr(stream, "encoding", None)
+    if stream is None or not encoding:
+        return stream
+    try:
+        "→…—".encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return _AsciiFallback(stream)
+    return stream
+
+
+def silence_stdout() -> None:
+    """Point file descriptor 1 at the null device after stdout failed (closed pipe, full disk),
+    so the interpreter's final flush does not fail again and change the exit code."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.__stdout__.fileno() if sys.__stdout__ else 1)
+    except (OSError, ValueError):
+        pass
+
+
 class Ui:
     """The consoles of one command run: ``out`` (stdout) for the summary, ``err`` for progress."""
 
@@ -81,29 +138,50 @@ class Ui:
         self.quiet = quiet
         self.verbose = verbose and not quiet
         self.json_stdout = json_stdout
-        self.out = Console(highlight=False, quiet=quiet or json_stdout)
-        self.err = Console(stderr=True, highlight=False)
-        if not self.out.is_terminal:  # logs and pipes: one line per item, never wrapped mid-sentence
-            self.out.soft_wrap = True
-            if "COLUMNS" not in os.environ:
-                self.out.width = 120
+        self.out = Console(file=_stream_for(sys.stdout), highlight=False, quiet=quiet or json_stdout)  # type: ignore[arg-type]
+        self.err = Console(file=_stream_for(sys.stderr), stderr=True, highlight=False)  # type: ignore[arg-type]
+        for console in (self.out, self.err):
+            if not console.is_terminal:  # logs and pipes: one line per item, never wrapped
+                console.soft_wrap = True
+                if "COLUMNS" not in os.environ:
+                    console.width = 120
         self.show_progress = self.err.is_terminal and not quiet and not json_stdout and not self.verbose
         self._start = time.perf_counter()
         self._status: Any = None
 
+    def print(self, renderable: Any) -> None:
+        """The summary on stdout. A stdout that cannot take it (full disk, closed) costs one
+        warning line on stderr, not the run: the model was written, the exit code stands."""
+        try:
+            self.out.print(renderable)
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as exc:
+            silence_stdout()
+            reason = getattr(exc, "strerror", None) or str(exc)
+            print(
+                f"bnfold: warning: cannot write the summary to stdout ({reason})", file=sys.stderr, flush=True
+            )
+
     def status(self) -> AbstractContextManager[Any]:
         """A spinner on stderr for a terminal; nothing otherwise."""
         if self.show_progress:
-            self._status = self.err.status("starting", spinner="dots")
+            from rich.text import Text
+
+            self._status = self.err.status(Text("starting"), spinner="dots")
             return self._status
         return nullcontext()
 
     def progress(self, message: str) -> None:
         """A step: a timed line on stderr with --verbose, else the spinner's text."""
+        from rich.text import Text
+
         if self.verbose:
-            self.err.print(f"[dim]{time.perf_counter() - self._start:7.2f}s[/dim] {message}", highlight=False)
+            self.err.print(
+                Text.assemble((f"{time.perf_counter() - self._start:7.2f}s ", "dim"), printable(message))
+            )
         elif self._status is not None:
-            self._status.update(message)
+            self._status.update(Text(printable(message)))
 
     @contextmanager
     def counter(self, total: int) -> Iterator[Callable[[str], None]]:

@@ -180,7 +180,7 @@ def fold_command(
     from bnfold.cli.render import fold_summary
 
     try:
-        ui.out.print(fold_summary(outcome, verbose=ui.verbose))
+        ui.print(fold_summary(outcome, verbose=ui.verbose))
         if json_stdout or json_file:
             emit_json(outcome.to_dict(), to_stdout=json_stdout, path=json_file)
     except KeyboardInterrupt:

@@ -1,18 +1,23 @@
 """How the CLI shows results to people: rich renderables built from the outcomes of
 :mod:`bnfold.cli.results` and the reports of :mod:`bnfold.report`. The caller picks the console
-(stdout, stderr) and decides when to print; JSON documents are the results' own ``to_dict``."""
+(stdout, stderr) and decides when to print; JSON documents are the results' own ``to_dict``.
+
+Every name that comes from a model or a path goes through :func:`~bnfold.cli.console.printable`
+(no terminal control sequences) and into :class:`~rich.text.Text` (no markup: ``model[v2].onnx``
+prints as written). Tables are plain aligned lines (:mod:`bnfold.cli.tables`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from rich import box
 from rich.console import Group, RenderableType
 from rich.filesize import decimal as human_bytes
-from rich.table import Table
 from rich.text import Text
 
+from bnfold.cli.console import printable as esc
 from bnfold.cli.results import CheckResult, CheckStatus, FoldOutcome, ModelCheck
+from bnfold.cli.tables import Cell, columns
 from bnfold.report import Folded, FoldReport, Skipped, TensorDiff, VerifyReport, VerifyStatus
 
 _BRIEF_LIMIT = 10
@@ -28,7 +33,9 @@ _STATUS_STYLE = {"passed": "green", "failed": "bold red", "not-run": "bold yello
 def fold_summary(outcome: FoldOutcome, *, verbose: bool = False) -> RenderableType:
     """The at-a-glance summary of a fold: BN folded/left (with reasons), verification per
     output, intermediates, nodes, size and time."""
-    parts: list[RenderableType] = [Text.assemble(("bnfold ", "bold"), outcome.source, " → ", outcome.output)]
+    parts: list[RenderableType] = [
+        Text.assemble(("bnfold ", "bold"), esc(outcome.source), " → ", esc(outcome.output))
+    ]
     if outcome.module_report is not None and outcome.module_report.bn_total:
         parts.append(_bn_section("PyTorch modules", outcome.module_report, verbose=verbose))
     if outcome.report is not None:
@@ -39,13 +46,13 @@ def fold_summary(outcome: FoldOutcome, *, verbose: bool = False) -> RenderableTy
         parts.append(_torch_line(torch_check))
     parts.append(_stats_line(outcome))
     if outcome.written:
-        parts.append(Text.assemble(("wrote ", "green"), outcome.output))
+        parts.append(Text.assemble(("wrote ", "green"), esc(outcome.output)))
     else:
         parts.append(
-            Text.assemble(("nothing written", "bold red"), f": {outcome.error}" if outcome.error else "")
+            Text.assemble(("nothing written", "bold red"), f": {esc(outcome.error)}" if outcome.error else "")
         )
     if outcome.written and outcome.error:
-        parts.append(Text(outcome.error, style="yellow"))
+        parts.append(Text(esc(outcome.error), style="yellow"))
     return Group(*parts)
 
 
@@ -61,6 +68,14 @@ def _bn_section(title: str, report: FoldReport, *, verbose: bool) -> RenderableT
     return Group(head, lines) if lines.renderables else head
 
 
+def absorber(f: Folded) -> str:
+    """The layer that absorbed a BN, for people: ``Conv conv1``; an unnamed one by what it now
+    writes (``Conv writing bn1_out``), since ``Conv Conv`` names nothing."""
+    if f.producer and f.producer != f.producer_op:
+        return f"{f.producer_op} {f.producer}"
+    return f"{f.producer_op} writing {f.output}" if f.output else f"unnamed {f.producer_op}"
+
+
 def bn_table(
     folded: Sequence[Folded], folded_label: str, skipped: Sequence[Skipped], *, verbose: bool
 ) -> Group:
@@ -68,9 +83,10 @@ def bn_table(
     reason code and sentence. Without ``verbose`` each kind stops after a few lines."""
     width = max(len(folded_label), len("left")) + 2
     limit = None if verbose else _BRIEF_LIMIT
-    done = [(f.bn, f.graph, Text(f" → {f.producer_op} {f.producer}", style="green")) for f in folded]
+    done = [(f.bn, f.graph, Text(f" → {esc(absorber(f))}", style="green")) for f in folded]
     left = [
-        (s.bn, s.graph, Text.assemble("  ", (s.reason.value, "yellow"), f": {s.detail}")) for s in skipped
+        (s.bn, s.graph, Text.assemble("  ", (s.reason.value, "yellow"), f": {esc(s.detail)}"))
+        for s in skipped
     ]
     return Group(
         *_bn_lines(folded_label, done, width=width, limit=limit, more="more"),
@@ -83,7 +99,7 @@ def _bn_lines(
 ) -> list[Text]:
     """``  LABEL  bn [graph]TAIL`` per row, up to ``limit`` rows, then ``… N MORE``."""
     lines = [
-        Text.assemble((f"  {label:<{width}}", "dim"), f"{bn} [{graph}]" if graph else bn, tail)
+        Text.assemble((f"  {label:<{width}}", "dim"), esc(f"{bn} [{graph}]" if graph else bn), tail)
         for bn, graph, tail in rows[:limit]
     ]
     if limit is not None and len(rows) > limit:
@@ -101,19 +117,26 @@ def verification_section(
     if v.seed is not None and v.input_source == "generated":
         how += f", seed {v.seed}"
     if v.input_source != "generated":
-        how += f", inputs {v.input_source}"
+        how += f", inputs {esc(v.input_source)}"
     engine = f"onnxruntime {v.onnxruntime_version}" if v.onnxruntime_version else "onnxruntime"
+    status = v.status.value
+    if v.passed and v.reverted:
+        status = f"passed after reverting {len(v.reverted)} fold{'s' if len(v.reverted) != 1 else ''}"
+        style = "yellow"
     parts: list[RenderableType] = [
-        Text.assemble(
-            (f"{title}: ", "bold"), (v.status.value, style), f" — {how}, {engine} CPU at ORT_DISABLE_ALL"
-        )
+        Text.assemble((f"{title}: ", "bold"), (status, style), f" — {how}, {engine} CPU at ORT_DISABLE_ALL")
     ]
     if v.message and v.status is not VerifyStatus.PASSED:
-        parts.append(Text(f"  {v.message}", style=style))
+        parts.append(Text(f"  {esc(v.message)}", style=style))
+    for s in v.reverted[: None if verbose else _BRIEF_LIMIT]:
+        parts.append(Text(f"  reverted {esc(s.bn)}: {esc(s.detail)}", style="yellow"))
+    if v.bound_dims:
+        bound = ", ".join(f"{esc(k)}={n}" for k, n in v.bound_dims.items())
+        parts.append(Text(f"  symbolic dimensions bound to: {bound} (--shape to choose)", style="dim"))
     if v.outputs:
         parts.append(_diff_table(v.outputs))
     if v.intermediates:
-        parts.append(_diffs_line("intermediates", "compared", v.intermediates))
+        parts.append(_diffs_line("intermediates", _compared(v), v.intermediates))
         if verbose:
             parts.append(_diff_table(v.intermediates))
     elif v.status is not VerifyStatus.NOT_RUN:
@@ -123,37 +146,45 @@ def verification_section(
         if verbose:
             parts.append(_diff_table(v.weights))
     if v.first_divergent:
-        parts.append(Text(f"  first divergent: {', '.join(v.first_divergent)}", style="red"))
+        parts.append(Text(f"  first divergent: {esc(', '.join(v.first_divergent))}", style="red"))
     if v.suspect_folds:
-        parts.append(Text(f"  suspect folds: {', '.join(v.suspect_folds)}", style="red"))
+        parts.append(Text(f"  suspect folds: {esc(', '.join(v.suspect_folds))}", style="red"))
     return Group(*parts)
 
 
-def _diff_table(diffs: Iterable[TensorDiff]) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=True, show_edge=False)
-    table.add_column("tensor", overflow="fold")
-    table.add_column("shape")
-    table.add_column("max abs", justify="right")
-    table.add_column("max rel", justify="right")
-    table.add_column("tolerance", justify="right")
-    table.add_column("", no_wrap=True)
+def _compared(v: VerifyReport) -> str:
+    """``compared`` or ``compared (3 by name, 2 as fold aliases)`` when not all by name."""
+    kinds = {k: n for k, n in v.matched.items() if n}
+    if set(kinds) <= {"name"}:
+        return "compared"
+    words = {"name": "by name", "fold-alias": "as fold aliases", "structure": "by structure"}
+    return f"compared ({', '.join(f'{n} {words.get(k, k)}' for k, n in kinds.items())})"
+
+
+def _diff_table(diffs: Iterable[TensorDiff]) -> Group:
+    rows: list[list[Cell]] = []
     for d in diffs:
-        ok = (
+        result = (
             Text("ok", style="green")
             if d.passed
             else Text(f"FAIL {d.mismatched}/{d.total}", style="bold red")
         )
         if d.nan_inf_mismatch:
-            ok.append(" nan/inf", style="bold red")
-        table.add_row(
-            d.name,
-            "x".join(str(s) for s in d.shape) or "scalar",
-            f"{d.max_abs:.2e}",
-            f"{d.max_rel:.2e}",
-            f"rtol {d.rtol:.0e}" if d.atol == 0 else f"atol {d.atol:.0e} + rtol {d.rtol:.0e}",
-            ok,
+            result.append(" nan/inf", style="bold red")
+        tolerance = f"rtol {d.rtol:.0e}" if d.atol == 0 else f"atol {d.atol:.0e} + rtol {d.rtol:.0e}"
+        if d.noise:
+            tolerance += f" + noise {d.noise:.0e}"
+        rows.append(
+            [
+                d.name,
+                "x".join(str(s) for s in d.shape) or "scalar",
+                f"{d.max_abs:.2e}",
+                f"{d.max_rel:.2e}",
+                tolerance,
+                result,
+            ]
         )
-    return table
+    return columns(["tensor", "shape", "max abs", "max rel", "tolerance", "result"], rows, right=(2, 3))
 
 
 def _diffs_line(what: str, how: str, diffs: Sequence[TensorDiff]) -> Text:
@@ -164,7 +195,7 @@ def _diffs_line(what: str, how: str, diffs: Sequence[TensorDiff]) -> Text:
         text.append(f"{len(bad)} outside tolerance", style="bold red")
     else:
         text.append("all within tolerance", style="green")
-    text.append(f"; worst {worst.name} (max abs {worst.max_abs:.2e}, max rel {worst.max_rel:.2e})")
+    text.append(f"; worst {esc(worst.name)} (max abs {worst.max_abs:.2e}, max rel {worst.max_rel:.2e})")
     return text
 
 
@@ -175,28 +206,26 @@ def _torch_line(check: VerifyReport) -> Text:
     if check.outputs:
         worst = max(check.outputs, key=lambda d: d.max_rel)
         text.append(
-            f" — on the example inputs; worst output {worst.name}: max abs {worst.max_abs:.2e}, "
+            f" — on the example inputs; worst output {esc(worst.name)}: max abs {worst.max_abs:.2e}, "
             f"max rel {worst.max_rel:.2e}"
         )
     if check.message:
-        text.append(f"; {check.message}", style=style)
+        text.append(f"; {esc(check.message)}", style=style)
     return text
 
 
 def _stats_line(outcome: FoldOutcome) -> Text:
     text = Text()
     b, a = outcome.before, outcome.after
-    if b is not None:
+    if b is not None or a is not None:
+        nodes = f"{b.nodes} → {a.nodes}" if b and a else f"{(b or a).nodes}"  # type: ignore[union-attr]
+        size = (
+            f"{human_bytes(b.bytes)} → {human_bytes(a.bytes)}" if b and a else human_bytes((b or a).bytes)  # type: ignore[union-attr]
+        )
         text.append("nodes ", "bold")
-        text.append(f"{b.nodes} → {a.nodes}" if a else f"{b.nodes}")
+        text.append(nodes)
         text.append("   size ", "bold")
-        text.append(f"{human_bytes(b.bytes)} → {human_bytes(a.bytes)}" if a else human_bytes(b.bytes))
-        text.append("   ")
-    elif a is not None:
-        text.append("nodes ", "bold")
-        text.append(str(a.nodes))
-        text.append("   size ", "bold")
-        text.append(human_bytes(a.bytes))
+        text.append(size)
         text.append("   ")
     text.append("time ", "bold")
     text.append(f"{outcome.seconds:.2f} s")
@@ -213,16 +242,10 @@ def check_summary(result: CheckResult, *, verbose: bool = False) -> RenderableTy
     readable = [m for m in result.models if m.status is not CheckStatus.ERROR]
     against = result.options.against is not None
     if readable:
-        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-        table.add_column("model", overflow="fold")
-        table.add_column("BN", justify="right")
-        table.add_column("foldable", justify="right")
-        table.add_column("left", justify="right")
-        if against:
-            table.add_column("equivalent")
-        table.add_column("status")
+        header = ["model", "BN", "foldable", "left", *(["equivalent"] if against else []), "status"]
+        rows: list[list[Cell]] = []
         for m in readable:
-            row = [
+            row: list[Cell] = [
                 m.path,
                 str(m.report.bn_total) if m.report else "-",
                 Text(str(m.bn_foldable), style="bold red" if m.bn_foldable else ""),
@@ -231,8 +254,8 @@ def check_summary(result: CheckResult, *, verbose: bool = False) -> RenderableTy
             if against:
                 row.append(_verify_cell(m))
             row.append(_status_cell(m))
-            table.add_row(*row)
-        parts.append(table)
+            rows.append(row)
+        parts.append(columns(header, rows, right=(1, 2, 3)))
         for m in readable:
             details = _model_details(m, verbose=verbose)
             if details is not None:
@@ -264,7 +287,7 @@ def _model_details(m: ModelCheck, *, verbose: bool) -> RenderableType | None:
         rows.append(verification_section(m.verification, verbose=verbose, title="  equivalence"))
     if not rows:
         return None
-    return Group(Text(m.path, style="bold"), *rows)
+    return Group(Text(esc(m.path), style="bold"), *rows)
 
 
 def _check_total(result: CheckResult) -> Text:

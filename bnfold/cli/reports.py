@@ -10,6 +10,8 @@ from typing import Any
 
 import typer
 
+from bnfold.cli.console import silence_stdout
+from bnfold.errors import BnfoldError
 from bnfold.onnx.io import write_text_atomic
 from bnfold.onnx.io.atomic import check_output
 
@@ -33,5 +35,12 @@ def emit_json(document: dict[str, Any], *, to_stdout: bool, path: str | None) ->
     if path is not None:
         write_text_atomic(path, text)
     if to_stdout:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as exc:  # a full disk, a closed stdout: the caller asked for it
+            silence_stdout()
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise BnfoldError(f"cannot write the JSON report to stdout ({reason})") from exc
