@@ -94,9 +94,11 @@ def fold_module(
     if bn_kind(model):
         detail = "the module is itself a BatchNorm: its input is the model input, nothing absorbs it"
         return model, FoldReport(skipped=(Skipped(bn="", reason=SkipReason.NO_PRODUCER, detail=detail),))
+    bns = [(name, m) for name, m in model.named_modules() if bn_kind(m)]
     folder = _Folder(model, args, index)
     with user_code("fold_module: the module's code", any_error=False):
         result = folder.run().eval()
+    folder.report_uncalled(bns)
     folded = tuple(e for e in folder.entries if isinstance(e, Folded))
     skipped = tuple(e for e in folder.entries if isinstance(e, Skipped))
     return result, FoldReport(folded=folded, skipped=skipped)
@@ -120,6 +122,24 @@ class _Folder:
 
     def run(self) -> nn.Module:
         return self._unit(self.root, "", is_root=True)
+
+    def report_uncalled(self, bns: list[tuple[str, nn.Module]]) -> None:
+        """An entry for every BN module no traced graph calls as a module: none is left silently."""
+        for name, bn in bns:
+            if id(bn) in self.reported:
+                continue
+            self.reported.add(id(bn))
+            ran = (
+                f", and it ran {self.call_count[id(bn)]} times on the example inputs" if self.captured else ""
+            )
+            self.entries.append(
+                Skipped(
+                    bn=name,
+                    reason=SkipReason.UNTRACEABLE,
+                    detail="the traced forward never calls it as a module (unused, or run through its "
+                    f".forward() or F.batch_norm with its tensors){ran}: no producer can be proven",
+                )
+            )
 
     # ---- one traceable unit, or its children
 
@@ -295,25 +315,32 @@ def _apply_swaps(module: nn.Module, sites: list[Site]) -> dict[int, str]:
     names = {}
     for s in sites:
         _set_submodule(module, str(s.prod_node.target), s.fused)
-        _set_submodule(module, str(s.bn_node.target), nn.Identity())
+        _set_submodule(module, str(s.bn_node.target), s.replacement)
         names[id(s)] = str(s.prod_node.target)
     return names
 
 
 def _apply_rewrite(gm: fx.GraphModule, sites: list[Site], calls: Counter, read: set[str]) -> dict[int, str]:
+    def place(node: fx.Node, module: nn.Module) -> str:
+        """Put ``module`` where ``node`` calls; a module also called elsewhere keeps its place
+        and this call gets ``module`` under a fresh name."""
+        target = str(node.target)
+        if calls[target] == 1 and target not in read:
+            _set_submodule(gm, target, module)
+            return target
+        name = _fresh_name(gm, target)
+        gm.add_submodule(name, module)
+        node.target = name
+        return name
+
     names = {}
     for s in sites:
-        target = str(s.prod_node.target)
-        if calls[target] == 1 and target not in read:
-            _set_submodule(gm, target, s.fused)
-            name = target
-        else:  # the producer runs elsewhere too: the folded call gets its own module
-            name = _fresh_name(gm, target)
-            gm.add_submodule(name, s.fused)
-            s.prod_node.target = name
-        s.bn_node.replace_all_uses_with(s.prod_node)
-        gm.graph.erase_node(s.bn_node)
-        names[id(s)] = name
+        names[id(s)] = place(s.prod_node, s.fused)
+        if isinstance(s.replacement, nn.Identity):
+            s.bn_node.replace_all_uses_with(s.prod_node)
+            gm.graph.erase_node(s.bn_node)
+        else:  # a custom BN: the rest of its forward stays
+            place(s.bn_node, s.replacement)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

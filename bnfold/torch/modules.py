@@ -1,8 +1,11 @@
 """Recognising the modules the PyTorch pass works with, and tracing with them kept as calls.
 
 - A *BatchNorm* is any ``_BatchNorm`` with the stock forward (BatchNorm{1,2,3}d, their lazy
-  forms, SyncBatchNorm), or a FrozenBatchNorm (duck-typed: a class name containing
-  ``FrozenBatchNorm``, buffers weight/bias/running_mean/running_var and an ``eps``).
+  forms, SyncBatchNorm), a FrozenBatchNorm (duck-typed: a class name containing
+  ``FrozenBatchNorm``, buffers weight/bias/running_mean/running_var and an ``eps``), or a
+  ``_BatchNorm`` subclass with its own forward (timm's ``BatchNormAct2d``: its forward is read
+  by :mod:`bnfold.torch.bn_forward`). All three are kept as calls when tracing, and each one
+  gets a report entry.
 - A *producer* is a Conv{1,2,3}d, ConvTranspose{1,2,3}d or Linear that runs the stock forward.
 """
 
@@ -37,10 +40,10 @@ ExampleInputs = torch.Tensor | Sequence[Any]
 
 
 def bn_kind(m: nn.Module) -> str | None:
-    """``"bn"`` for a BatchNorm, ``"frozen"`` for a FrozenBatchNorm, else None (see module doc).
-    A ``_BatchNorm`` subclass that overrides ``forward`` is not a BatchNorm here."""
-    if isinstance(m, _BatchNorm) and type(m).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward):
-        return "bn"
+    """``"bn"`` for a BatchNorm, ``"frozen"`` for a FrozenBatchNorm, ``"custom"`` for a
+    ``_BatchNorm`` subclass that overrides ``forward``, else None (see module doc)."""
+    if isinstance(m, _BatchNorm):
+        return "bn" if type(m).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward) else "custom"
     if "FrozenBatchNorm" in type(m).__name__:
         buffers = m._buffers
         if all(isinstance(buffers.get(k), torch.Tensor) for k in FROZEN_BUFFERS) and isinstance(

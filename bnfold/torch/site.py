@@ -23,25 +23,29 @@ import torch.nn.utils.parametrize
 from torch import fx, nn
 
 from ..report import Folded, Skipped, SkipReason
+from .bn_forward import split_forward
 from .fuse import affine, fuse
 from .modules import BN_RANKS, PRODUCERS, bn_kind, bn_tensors, producer_base
 
 
 @dataclass(frozen=True)
 class Site:
-    """One BN call that folds: its node, the producer's node and module, the folded module."""
+    """One BN call that folds: its node, the producer's node and module, the folded producer, and
+    what replaces the BN module (``nn.Identity``, or the rest of a custom BN's forward)."""
 
     bn_node: fx.Node
     prod_node: fx.Node
     producer: nn.Module
     fused: nn.Module
+    replacement: nn.Module
 
 
 def check_call(
     node: fx.Node, bn: nn.Module, *, prefix: str, mods: dict[str, nn.Module], ranks: dict[str, set[int]]
 ) -> Site | Skipped:
     """Fold one BN call, or say why not. Handles: BatchNorm{1,2,3}d and SyncBatchNorm with
-    running statistics (affine or not), FrozenBatchNorm buffers; producers Conv{1,2,3}d,
+    running statistics (affine or not), FrozenBatchNorm buffers, BatchNorm subclasses whose
+    own forward is BN then anything (:mod:`bnfold.torch.bn_forward`); producers Conv{1,2,3}d,
     ConvTranspose{1,2,3}d (any groups), Linear; float16/bfloat16/float32/float64 weights."""
     name = prefix + str(node.target)
 
@@ -51,6 +55,12 @@ def check_call(
     problem = _bn_problem(bn)
     if problem is not None:
         return skip(*problem)
+    eps, replacement = float(bn.eps), nn.Identity()
+    if bn_kind(bn) == "custom":
+        split = split_forward(bn)
+        if isinstance(split, tuple):
+            return skip(*split)
+        eps, replacement = split.eps, split.rest
     if len(node.args) + len(node.kwargs) != 1:
         return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, "the BatchNorm is called with extra arguments")
     src = node.args[0] if node.args else next(iter(node.kwargs.values()))
@@ -70,14 +80,14 @@ def check_call(
     problem = _producer_problem(prod, pname) or _shape_problem(prod, base, bn, pname, ranks.get(src.name))
     if problem is not None:
         return skip(*problem, pname, op)
-    fused = fuse(prod, base, affine(bn_tensors(bn), float(bn.eps)))
+    fused = fuse(prod, base, affine(bn_tensors(bn), eps))
     if isinstance(fused, str):
         return skip(SkipReason.NOT_REPRESENTABLE, fused, pname, op)
-    return Site(bn_node=node, prod_node=src, producer=prod, fused=fused)
+    return Site(bn_node=node, prod_node=src, producer=prod, fused=fused, replacement=replacement)
 
 
 def _bn_problem(bn: nn.Module) -> tuple[SkipReason, str] | None:
-    if bn_kind(bn) == "bn" and (bn.running_mean is None or bn.running_var is None):
+    if bn_kind(bn) != "frozen" and (bn.running_mean is None or bn.running_var is None):
         return (
             SkipReason.TRAINING_MODE,
             "track_running_stats=False: the BatchNorm normalizes with batch statistics even in eval mode",

@@ -14,78 +14,21 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn
 
-from bnfold.report import Folded, FoldReport, Skipped, SkipReason
+from bnfold.report import FoldReport, SkipReason
 from bnfold.torch import fold_module
-from torch_models import Net, randomize, seeded_torch  # noqa: F401 (autouse fixture)
-
-RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref64, out64 = ref.detach().double(), out.detach().double()
-    return float((ref64 - out64).abs().max() / ref64.abs().max().clamp_min(1e-30))
-
-
-def as_tuple(t):
-    return t if isinstance(t, tuple) else (t,)
-
-
-def assert_same_outputs(ref_module: nn.Module, folded: nn.Module, *xs: torch.Tensor, rtol: float) -> None:
-    """Every output within ``rtol`` of its magnitude, same shape and dtype."""
-    with torch.no_grad():
-        refs, outs = as_tuple(ref_module(*xs)), as_tuple(folded(*xs))
-    assert len(refs) == len(outs)
-    for ref, out in zip(refs, outs):
-        assert ref.shape == out.shape and ref.dtype == out.dtype
-        err = rel_err(ref, out)
-        assert err <= rtol, f"relative error {err:.3g} > {rtol}"
-
-
-def bn_modules(m: nn.Module) -> list[str]:
-    kinds = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
-    return [name for name, x in m.named_modules() if isinstance(x, kinds)]
-
-
-def only_folded(report: FoldReport) -> Folded:
-    assert not report.skipped, report.skipped
-    assert len(report.folded) == 1, report.folded
-    return report.folded[0]
-
-
-def only_skipped(report: FoldReport) -> Skipped:
-    assert not report.folded, report.folded
-    assert len(report.skipped) == 1, report.skipped
-    return report.skipped[0]
-
-
-class FrozenBatchNorm2d(nn.Module):
-    """torchvision.ops.misc.FrozenBatchNorm2d, written out: statistics and affine as buffers."""
-
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
-
-
-class Pair(nn.Module):
-    """producer -> bn, nothing else."""
-
-    def __init__(self, producer: nn.Module, bn: nn.Module) -> None:
-        super().__init__()
-        self.conv = producer
-        self.bn = bn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x))
-
+from torch_models import (  # noqa: F401 (seeded_torch: autouse fixture)
+    RTOL,
+    FrozenBatchNorm2d,
+    Net,
+    Pair,
+    assert_same_outputs,
+    bn_modules,
+    only_folded,
+    only_skipped,
+    randomize,
+    rel_err,
+    seeded_torch,
+)
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}

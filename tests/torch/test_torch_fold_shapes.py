@@ -1,0 +1,192 @@
+"""fold_module on the module shapes real models use beyond Conv -> BatchNorm (issue 12):
+BatchNorm subclasses with their own forward (timm's BatchNormAct2d), and no BN module left
+without a report entry.
+
+Every positive test checks the structure, the report and the numbers against the unfolded
+module; every refusal checks the reason and that the outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn
+
+from bnfold.report import SkipReason
+from bnfold.torch import fold_module
+from torch_models import (  # noqa: F401 (seeded_torch: autouse fixture)
+    RTOL,
+    BatchNormAct2d,
+    Pair,
+    assert_same_outputs,
+    bn_modules,
+    only_folded,
+    only_skipped,
+    randomize,
+    seeded_torch,
+)
+
+
+def assert_unchanged(model: nn.Module, folded: nn.Module, x: torch.Tensor) -> None:
+    assert bn_modules(folded) == bn_modules(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), folded(x))
+
+
+# --------------------------------------------------------------------------- BatchNormAct2d
+
+BN_ACT = [
+    ("relu", lambda: BatchNormAct2d(6)),
+    ("silu-inplace", lambda: BatchNormAct2d(6, act_layer=nn.SiLU)),
+    ("hardswish-dropout", lambda: BatchNormAct2d(6, act_layer=nn.Hardswish, drop_layer=nn.Dropout)),
+    ("no-act", lambda: BatchNormAct2d(6, apply_act=False)),
+    ("eps-1e-3-no-affine", lambda: BatchNormAct2d(6, eps=1e-3, affine=False)),
+    ("momentum-none", lambda: BatchNormAct2d(6, momentum=None, act_layer=nn.ReLU6)),
+]
+
+
+@pytest.mark.parametrize("make", [b[1] for b in BN_ACT], ids=[b[0] for b in BN_ACT])
+def test_batchnorm_act_folds_and_keeps_its_activation(make):
+    """timm's BatchNormAct2d overrides forward, so it used to be traced through and left with no
+    report entry at all (efficientnet_b0: folded=0, skipped=0 for 49 BN). Its BN part folds into
+    the conv; the rest of its forward (drop, act) replaces it."""
+    model = randomize(Pair(nn.Conv2d(3, 6, 3, padding=1, bias=False), make()))
+    x = torch.randn(2, 3, 7, 7)
+    folded, report = fold_module(model)
+    f = only_folded(report)
+    assert (f.bn, f.producer, f.producer_op) == ("bn", "conv", "Conv2d")
+    assert bn_modules(folded) == [] and type(folded) is Pair
+    assert isinstance(folded.bn, torch.fx.GraphModule)
+    assert type(folded.bn.act) is type(model.bn.act) and type(folded.bn.drop) is type(model.bn.drop)
+    assert folded.conv.bias is not None and not folded.training
+    assert_same_outputs(model, folded, x, rtol=RTOL[torch.float32])
+
+
+def test_batchnorm_act_folds_in_a_rewritten_forward():
+    """The conv is called twice (once before the BatchNormAct2d): the folded call gets its own
+    conv, and the BatchNormAct2d call becomes the rest of its forward."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = BatchNormAct2d(4, act_layer=nn.SiLU, inplace=False)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)), self.conv(x)
+
+    model = randomize(Twice())
+    x = torch.randn(2, 4, 6, 6)
+    folded, report = fold_module(model)
+    f = only_folded(report)
+    assert (f.bn, f.producer) == ("bn", "conv_bnfolded")
+    assert isinstance(folded, torch.fx.GraphModule) and bn_modules(folded) == []
+    assert torch.equal(folded.conv.weight, model.conv.weight)
+    assert_same_outputs(model, folded, x, rtol=RTOL[torch.float32])
+
+
+class BNActAfterRelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = BatchNormAct2d(4)
+
+    def forward(self, x):
+        return self.bn(torch.relu(self.conv(x)))
+
+
+class ResidualBN(nn.BatchNorm2d):
+    """Own forward that also reads its input: ``x + bn(x)``; the fold would change ``x``."""
+
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class OwnStatsTwice(nn.BatchNorm2d):
+    def forward(self, x):
+        return nn.functional.batch_norm(x, self.running_mean * 2, self.running_var, self.weight, self.bias)
+
+
+class AlwaysBatchStats(nn.BatchNorm2d):
+    def forward(self, x):
+        return nn.functional.batch_norm(x, None, None, self.weight, self.bias, True)
+
+
+class Untraceable(nn.BatchNorm2d):
+    def forward(self, x):
+        if x.sum() > 0:
+            return super().forward(x)
+        return x
+
+
+CUSTOM_SKIPS = [
+    ("bnact-after-relu", BNActAfterRelu, SkipReason.UNSUPPORTED_PRODUCER, "relu"),
+    (
+        "reads-its-input",
+        lambda: Pair(nn.Conv2d(3, 4, 3), ResidualBN(4)),
+        SkipReason.UNTRACEABLE,
+        "uses its input",
+    ),
+    (
+        "other-statistics",
+        lambda: Pair(nn.Conv2d(3, 4, 3), OwnStatsTwice(4)),
+        SkipReason.NON_CONSTANT_BN_PARAM,
+        "running_mean",
+    ),
+    (
+        "batch-statistics",
+        lambda: Pair(nn.Conv2d(3, 4, 3), AlwaysBatchStats(4)),
+        SkipReason.TRAINING_MODE,
+        "training=True",
+    ),
+    (
+        "untraceable-forward",
+        lambda: Pair(nn.Conv2d(3, 4, 3), Untraceable(4)),
+        SkipReason.UNTRACEABLE,
+        "cannot trace",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "reason", "words"), [c[1:] for c in CUSTOM_SKIPS], ids=[c[0] for c in CUSTOM_SKIPS]
+)
+def test_custom_batchnorm_that_cannot_fold_has_a_reason(make, reason, words):
+    model = randomize(make())
+    x = torch.randn(2, 3, 7, 7)
+    folded, report = fold_module(model)
+    s = only_skipped(report)
+    assert s.bn == "bn" and s.reason is reason and words in s.detail, s
+    assert_unchanged(model, folded, x)
+
+
+# --------------------------------------------------------------------------- no silent skip
+
+
+class UnusedAndDirect(nn.Module):
+    """One BN registered but never called, one whose tensors are used by ``F.batch_norm``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.direct = nn.BatchNorm2d(4)
+        self.unused = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        bn = self.direct
+        return nn.functional.batch_norm(self.conv(x), bn.running_mean, bn.running_var, bn.weight, bn.bias)
+
+
+@pytest.mark.parametrize("with_inputs", [False, True], ids=["no-example-inputs", "example-inputs"])
+def test_every_bn_module_has_a_report_entry(with_inputs):
+    """A BN module the traced forward never calls as a module used to get no entry at all."""
+    model = randomize(UnusedAndDirect())
+    x = torch.randn(2, 3, 7, 7)
+    folded, report = fold_module(model, example_inputs=(x,) if with_inputs else None)
+    assert not report.folded
+    assert sorted(s.bn for s in report.skipped) == ["direct", "unused"]
+    assert {s.reason for s in report.skipped} == {SkipReason.UNTRACEABLE}
+    assert all("never calls it as a module" in s.detail for s in report.skipped)
+    assert report.bn_total == len(bn_modules(model))
+    assert_unchanged(model, folded, x)
