@@ -55,7 +55,8 @@ def fold_verified(
         last = (candidate, report, payload)
         vr = run.verify_with(reference, candidate, options, intermediates=intermediates)
         if vr.status is VerifyStatus.PASSED:
-            return Verified(payload, _mark_reverted(report, reverted), _with_suspects(vr, reverted))
+            marked = _mark_reverted(report, reverted)
+            return Verified(payload, marked, _with_reverted(vr, marked, reverted))
         if vr.status is VerifyStatus.NOT_RUN:
             break
         folded_outputs = [f.output for f in report.folded]
@@ -68,8 +69,8 @@ def fold_verified(
             reverted[name] = _why(vr, name)
     assert last is not None and vr is not None
     candidate, report, payload = last
-    final = _with_suspects(vr, reverted)
     marked = _mark_reverted(report, reverted)
+    final = _with_reverted(vr, marked, reverted)
     if force:
         return Verified(payload, marked, final)
     if vr.status is VerifyStatus.NOT_RUN:
@@ -110,6 +111,18 @@ def _mark_reverted(report: FoldReport, reverted: Mapping[str, str]) -> FoldRepor
     return FoldReport(folded=report.folded, skipped=skipped)
 
 
-def _with_suspects(vr: VerifyReport, reverted: Mapping[str, str]) -> VerifyReport:
+def _with_reverted(vr: VerifyReport, report: FoldReport, reverted: Mapping[str, str]) -> VerifyReport:
+    """``vr`` naming the reverted folds (``reverted``, ``suspect_folds``); a pass says it came
+    only after reverting, so that it never reads as a plain "passed"."""
+    if not reverted:
+        return vr
+    undone = tuple(
+        s for s in report.skipped if s.reason is SkipReason.VERIFICATION_FAILED and s.output in reverted
+    )
+    message = vr.message
+    if vr.status is VerifyStatus.PASSED:
+        n = len(reverted)
+        said = f"passed after reverting {n} fold{'s' if n != 1 else ''} that diverged ({', '.join(reverted)})"
+        message = "; ".join(p for p in (said, vr.message) if p)
     suspects = tuple(dict.fromkeys([*vr.suspect_folds, *reverted]))
-    return dataclasses.replace(vr, suspect_folds=suspects)
+    return dataclasses.replace(vr, suspect_folds=suspects, reverted=undone, message=message)

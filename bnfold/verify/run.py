@@ -35,8 +35,12 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
+from itertools import repeat
 from typing import Any
 
+import numpy as np
+import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
@@ -148,25 +152,10 @@ def verify_with(
     ]
     extra = [helper.make_tensor_value_info(n, t, None) for n, t in shared.items()]
     cand_feeds = [{d.name: feed[d.name] for d in cand_inputs} for feed in feeds]
-    level = ort.GraphOptimizationLevel
-    with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as tmp:
-        try:
-            ref.prepare(tmp)
-            cand.prepare(tmp)
-            ref_sess = session(ref, extra, level.ORT_DISABLE_ALL)
-            cand_sess = session(cand, extra, level.ORT_DISABLE_ALL)
-            for feed, cand_feed in zip(feeds, cand_feeds):
-                for s, r, c in zip(stats, run(ref_sess, ref, feed), run(cand_sess, cand, cand_feed)):
-                    s.add(r, c)
-            del ref_sess, cand_sess
-        except NotRun as e:
-            return finish(VerifyStatus.NOT_RUN, str(e))
-        try:
-            run(session(cand, (), level.ORT_ENABLE_ALL), cand, cand_feeds[0])
-            fields["candidate_runs_optimized"] = True
-        except NotRun as e:
-            fields["candidate_runs_optimized"] = False
-            notes.append(f"at ORT_ENABLE_ALL: {e}")
+    try:
+        notes += _execute(ref, cand, extra, stats, feeds, cand_feeds, fields)
+    except NotRun as e:
+        return finish(VerifyStatus.NOT_RUN, str(e))
 
     diffs = [s.result() for s in stats]
     weights = _weights(ref, cand, atol, rtol) if intermediates else []
@@ -184,6 +173,66 @@ def verify_with(
     return finish(
         VerifyStatus.FAILED, "; ".join(p for p in [summary, *(w.problem for w in bad_weights), *notes] if p)
     )
+
+
+def _execute(
+    ref: OrtModel,
+    cand: OrtModel,
+    extra: Sequence[onnx.ValueInfoProto],
+    stats: Sequence[TensorStats],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    cand_feeds: Sequence[Mapping[str, np.ndarray]],
+    fields: dict[str, Any],
+) -> list[str]:
+    """Run both models at ``ORT_DISABLE_ALL`` on every sample and compare; returns notes.
+
+    The reference also runs at ``ORT_ENABLE_ALL``, with the same tensors fetched: onnxruntime then
+    folds Conv+BN itself and reorders arithmetic, so the difference between its two runs is the
+    noise a correct fold makes at each tensor, and calibrates each tolerance
+    (:mod:`bnfold.verify.compare`). The candidate runs once at ``ORT_ENABLE_ALL`` too, to report
+    whether it loads there (``candidate_runs_optimized``).
+    """
+    level = ort.GraphOptimizationLevel
+    notes = []
+    with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as tmp:
+        ref.prepare(tmp)
+        cand.prepare(tmp)
+        ref_sess = session(ref, extra, level.ORT_DISABLE_ALL)
+        cand_sess = session(cand, extra, level.ORT_DISABLE_ALL)
+        try:
+            calib_sess = session(ref, extra, level.ORT_ENABLE_ALL)
+        except NotRun as e:
+            calib_sess = None
+            notes.append(f"tolerances not calibrated: {e}")
+        for feed, cand_feed in zip(feeds, cand_feeds):
+            calibration = _calibration(calib_sess, ref, feed, len(stats))
+            if calibration is None and calib_sess is not None:
+                calib_sess = None
+                notes.append("tolerances not calibrated: the reference did not run at ORT_ENABLE_ALL")
+            for s, r, c, k in zip(
+                stats, run(ref_sess, ref, feed), run(cand_sess, cand, cand_feed), calibration or repeat(None)
+            ):
+                s.add(r, c, k)
+        fields["calibrated"] = calib_sess is not None
+        del ref_sess, cand_sess, calib_sess
+        try:
+            run(session(cand, (), level.ORT_ENABLE_ALL), cand, cand_feeds[0])
+            fields["candidate_runs_optimized"] = True
+        except NotRun as e:
+            fields["candidate_runs_optimized"] = False
+            notes.append(f"at ORT_ENABLE_ALL: {e}")
+    return notes
+
+
+def _calibration(sess: Any, ref: OrtModel, feed: Mapping[str, np.ndarray], n: int) -> list[np.ndarray] | None:
+    if sess is None:
+        return None
+    try:
+        out = run(sess, ref, feed)
+    except NotRun as e:
+        log.debug("calibration run failed: %s", e)
+        return None
+    return out if len(out) == n else None
 
 
 def _weights(ref: OrtModel, cand: OrtModel, atol: float | None, rtol: float | None) -> list[WeightCheck]:
