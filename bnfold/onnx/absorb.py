@@ -8,30 +8,40 @@ Each ``check_*`` reads the graph and returns a :class:`~.plan.Plan` or a
     ConvTranspose W (C_in, C_out/g, k...)  W' = W * s on axis 1 within groups,  b' = b*s + t
     Gemm          B (K, N) / transB (N, K) B' = B * s on the N axis, C' = beta*C*s + t, beta := 1
     MatMul (rank-2 output)                 becomes Gemm(A, B*s, t)
-    MatMul -> Add(c) (rank-2 output)       B' = B * s, c' = c*s + t
+    MatMul (rank > 2 output)               B' = B * s, then a new Add(t) when t != 0
+    MatMul -> Add(c)                       B' = B * s, c' = c*s + t
 
-The source's channel axis must be the layer's output-channel axis: axis 1 for Conv/
-ConvTranspose and for a rank-2 Gemm/MatMul output.
+The source's channel axis must be the layer's output-channel axis: axis 1 for Conv,
+ConvTranspose and Gemm, the last axis for MatMul (whose B is a constant matrix). A map by
+scalars fits any layer. Ops between the layer and the source are looked through
+(:mod:`.paths`); their outputs change values too, so they join the plan's chain.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from .. import fold_math
 from ..report import SkipReason
 from .constants import NotConstant
 from .graph import Scope, attr, is_op
+from .paths import Route, walk_back
 from .plan import NewValue, Plan, Reject, Source
 
 Check = Callable[[Scope, onnx.NodeProto, Source], "Plan | Reject"]
 
 
-def find_layer(scope: Scope, x: str) -> onnx.NodeProto | Reject:
-    """The layer producing ``x`` when it is one that can absorb an affine map, or why not."""
+def find_layer(scope: Scope, source: Source) -> tuple[onnx.NodeProto, Route] | Reject:
+    """The layer that can absorb ``source`` (looking through :mod:`.paths`), or why none can."""
+    route = walk_back(scope, source.input, source.axis)
+    if isinstance(route, Reject):
+        return route
+    x = route.top
     producer = scope.producer.get(x)
     if producer is None:
         where = "a graph input" if x in scope.formal_inputs else "an initializer or outer-scope value"
@@ -42,24 +52,39 @@ def find_layer(scope: Scope, x: str) -> onnx.NodeProto | Reject:
             f"its input comes from {producer.op_type} {producer.name!r}, which cannot absorb a per-channel affine map",
             producer,
         )
+    if producer.op_type == "Add" and matmul_of_add(scope, producer) is None:
+        return Reject(
+            SkipReason.UNSUPPORTED_PRODUCER,
+            "Add is not MatMul + constant; an Add of activations cannot absorb BN",
+            producer,
+        )
     if not scope.single_use(x):
         return Reject(
             SkipReason.PRODUCER_OUTPUT_SHARED,
             f"{producer.op_type} output {x!r} also feeds other nodes or is a graph output",
             producer,
         )
-    return producer
+    return producer, route
 
 
-def plan_into(scope: Scope, layer: onnx.NodeProto, source: Source) -> Plan | Reject:
-    """The plan that folds ``source`` into ``layer`` (from :func:`find_layer`), or why not."""
+def plan_into(scope: Scope, layer: onnx.NodeProto, route: Route, source: Source) -> Plan | Reject:
+    """The plan that folds ``source`` into ``layer`` along ``route`` (from :func:`find_layer`)."""
     try:
-        result = ABSORBERS[layer.op_type](scope, layer, source)
+        result = ABSORBERS[layer.op_type](scope, layer, source.on_axis(route.axis))
     except NotConstant as e:
         return Reject(e.reason, e.detail, layer)
-    if isinstance(result, Reject) and result.node is None:
-        return Reject(result.reason, result.detail, layer)
-    return result
+    if isinstance(result, Reject):
+        return result if result.node is not None else Reject(result.reason, result.detail, layer)
+    return replace(result, source=source, chain=result.chain + route.path, through=route.through)
+
+
+def matmul_of_add(scope: Scope, add: onnx.NodeProto) -> tuple[onnx.NodeProto, str] | None:
+    """``(MatMul, constant input name)`` when ``add`` is MatMul + something, else None."""
+    for i, other in ((0, 1), (1, 0)):
+        p = scope.producer.get(_input(add, i))
+        if is_op(p, "MatMul") and _input(add, other):
+            return p, add.input[other]
+    return None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -83,7 +108,10 @@ def _cast(values: np.ndarray, like: np.ndarray, what: str) -> np.ndarray | Rejec
 
 def _scaled(
     w: np.ndarray, aff: fold_math.Affine, what: str, *, axis: int, groups: int = 1
-) -> np.ndarray | Reject:
+) -> np.ndarray | Reject | None:
+    """``w`` scaled along ``axis``; None when the scale is exactly 1 (nothing to write)."""
+    if np.all(aff.scale == 1.0):
+        return None
     out, why = fold_math.scale_weight_exact(w, aff.scale, axis=axis, groups=groups)
     if out is None:
         return Reject(SkipReason.NOT_REPRESENTABLE, f"folding into {what}: {why}")
@@ -101,30 +129,34 @@ def _input(node: onnx.NodeProto, index: int) -> str:
 
 
 def _axis_problem(source: Source, want: int, op: str) -> Reject | None:
-    if source.axis != want:
+    if source.axis is None or source.axis == want:
+        return None
+    if source.last_axis_vector:
         return Reject(
-            SkipReason.CHANNEL_AXIS_MISMATCH,
-            f"the affine map is on axis {source.axis}, {op}'s output channels are on axis {want}",
+            SkipReason.CONSTANT_ON_LAST_AXIS,
+            f"a (C,) constant on a tensor of rank > 2 scales its last axis, which lands on axis "
+            f"{source.axis} of the {op} output, not its channel axis {want}",
         )
-    return None
+    return Reject(
+        SkipReason.CHANNEL_AXIS_MISMATCH,
+        f"the affine map is on axis {source.axis} of the {op} output, whose channels are on axis {want}",
+    )
 
 
 def _plan(
     source: Source,
     absorber: onnx.NodeProto,
     chain: tuple[onnx.NodeProto, ...],
-    writes: list[tuple[onnx.NodeProto, int, np.ndarray | Reject, str]],
-    *,
-    attrs: tuple[tuple[onnx.NodeProto, str, object], ...] = (),
-    op_type: tuple[onnx.NodeProto, str] | None = None,
+    writes: list[tuple[onnx.NodeProto, int, np.ndarray | Reject | None, str]],
+    **extra: object,
 ) -> Plan | Reject:
-    """A plan writing ``(node, input index, value, kind)`` for each of ``writes``, or the first
-    ``Reject`` among their values."""
+    """A plan writing ``(node, input index, value, kind)`` for each of ``writes`` (None: nothing
+    to write), or the first ``Reject`` among their values. ``extra``: other :class:`Plan` fields."""
     for _, _, value, _ in writes:
         if isinstance(value, Reject):
             return value
-    values = tuple(NewValue(n, i, v, k) for n, i, v, k in writes if not isinstance(v, Reject))
-    return Plan(source=source, absorber=absorber, chain=chain, values=values, attrs=attrs, op_type=op_type)
+    values = tuple(NewValue(n, i, v, k) for n, i, v, k in writes if isinstance(v, np.ndarray))
+    return Plan(source=source, absorber=absorber, chain=chain, values=values, **extra)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- absorbers
@@ -133,7 +165,6 @@ def _plan(
 def check_conv(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | Reject:
     """Conv: W (C_out, C_in/g, k...) scaled on axis 0 (any group); ConvTranspose: W (C_in,
     C_out/g, k...) scaled on axis 1 within each group; bias b*s + t (created when absent)."""
-    aff = source.affine
     transpose = node.op_type == "ConvTranspose"
     if (bad := _axis_problem(source, 1, node.op_type)) is not None:
         return bad
@@ -144,6 +175,7 @@ def check_conv(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | Rej
         return Reject(SkipReason.SHAPE_MISMATCH, f"weight has rank {w.ndim}, expected >= 3")
     group = int(attr(node, "group", 1))
     c_out = w.shape[1] * group if transpose else w.shape[0]
+    aff = source.widened(c_out).affine
     if (bad := _channels_problem(aff, node.op_type, c_out)) is not None:
         return bad
     if transpose and w.shape[0] % group:
@@ -158,7 +190,6 @@ def check_conv(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | Rej
 
 def check_gemm(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | Reject:
     """Gemm: Y = alpha*A'B' + beta*C. B's N axis scaled; C' = (beta*C)*s + t; beta := 1."""
-    aff = source.affine
     if (bad := _axis_problem(source, 1, "Gemm")) is not None:
         return bad
     b = scope.constant(node.input[1], what="weight (B)")
@@ -167,6 +198,7 @@ def check_gemm(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | Rej
     if b.ndim != 2:
         return Reject(SkipReason.SHAPE_MISMATCH, f"B has rank {b.ndim}")
     n_axis = 0 if int(attr(node, "transB", 0)) else 1
+    aff = source.widened(b.shape[n_axis]).affine
     if (bad := _channels_problem(aff, "Gemm", b.shape[n_axis])) is not None:
         return bad
     beta = float(attr(node, "beta", 1.0))
@@ -186,81 +218,89 @@ def check_gemm(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | Rej
     return _plan(source, node, (node,), [(node, 1, b_new, "weight"), (node, 2, c_new, "bias")], attrs=attrs)
 
 
-def matmul_axis_problem(scope: Scope, node: onnx.NodeProto, b: np.ndarray) -> Reject | None:
-    """BN normalizes axis 1; that is the MatMul's output-feature axis only for a rank-2 output."""
-    a_rank = scope.rank(node.input[0])
+def _matmul_weight(scope: Scope, mm: onnx.NodeProto, source: Source) -> tuple[np.ndarray, int] | Reject:
+    """B and the MatMul's output rank, when the source's axis is its output-feature (last) axis."""
+    b = scope.constant(mm.input[1], what="weight (B)")
+    a_rank = scope.rank(mm.input[0])
     if a_rank is None:
         return Reject(
             SkipReason.CHANNEL_AXIS_MISMATCH,
-            f"rank of MatMul input {node.input[0]!r} is unknown, so BN's channel axis cannot be proven "
+            f"rank of MatMul input {mm.input[0]!r} is unknown, so BN's channel axis cannot be proven "
             "to be the output-feature axis",
         )
-    if a_rank != 2 or b.ndim != 2:
+    if b.ndim != 2 or a_rank < 2:
         return Reject(
             SkipReason.CHANNEL_AXIS_MISMATCH,
-            f"MatMul output has rank {max(a_rank, b.ndim)}: BN normalizes axis 1, which is not the "
+            f"MatMul of ranks {a_rank} and {b.ndim}: only a constant matrix B has one output-feature axis",
+        )
+    if source.kind == "batchnorm" and source.axis not in (None, a_rank - 1):
+        return Reject(
+            SkipReason.CHANNEL_AXIS_MISMATCH,
+            f"MatMul output has rank {a_rank}: BN normalizes axis {source.axis}, which is not the "
             "MatMul's output-feature (last) axis",
         )
-    return None
-
-
-def _matmul_weight(scope: Scope, mm: onnx.NodeProto, source: Source) -> np.ndarray | Reject:
-    b = scope.constant(mm.input[1], what="weight (B)")
-    if (bad := matmul_axis_problem(scope, mm, b)) is not None:
-        return bad
-    if (bad := _axis_problem(source, 1, "MatMul")) is not None:
+    if (bad := _axis_problem(source, a_rank - 1, "MatMul")) is not None:
         return bad
     if (bad := _float_problem(b, "weight (B)")) is not None:
         return bad
-    if (bad := _channels_problem(source.affine, "MatMul", b.shape[1])) is not None:
-        return bad
-    return b
+    return b, a_rank
 
 
 def check_matmul(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | Reject:
-    """MatMul with a rank-2 output: becomes Gemm(A, B*s, t), so BN's axis 1 is B's N axis."""
-    b = _matmul_weight(scope, node, source)
-    if isinstance(b, Reject):
-        return b
-    b_new = _scaled(b, source.affine, "B", axis=1)
-    c_new = _cast(fold_math.fold_bias(None, source.affine), b, "the new bias")
-    attrs = ((node, "broadcast", 1),) if scope.index.opset < 7 else ()
-    writes = [(node, 1, b_new, "weight"), (node, 2, c_new, "bias")]
-    return _plan(source, node, (node,), writes, attrs=attrs, op_type=(node, "Gemm"))
+    """MatMul with a constant B: rank-2 output becomes Gemm(A, B*s, t) (BN's axis 1 is B's N
+    axis); a higher-rank output keeps MatMul(A, B*s) and gains an Add(t) when t != 0."""
+    found = _matmul_weight(scope, node, source)
+    if isinstance(found, Reject):
+        return found
+    b, rank = found
+    aff = source.widened(b.shape[1]).affine
+    if (bad := _channels_problem(aff, "MatMul", b.shape[1])) is not None:
+        return bad
+    b_new = _scaled(b, aff, "B", axis=1)
+    c_new = _cast(fold_math.fold_bias(None, aff), b, "the new bias")
+    if rank == 2:
+        attrs = ((node, "broadcast", 1),) if scope.index.opset < 7 else ()
+        writes = [(node, 1, b_new, "weight"), (node, 2, c_new, "bias")]
+        return _plan(source, node, (node,), writes, attrs=attrs, op_type=(node, "Gemm"))
+    if isinstance(c_new, np.ndarray) and not np.any(c_new):
+        return _plan(source, node, (node,), [(node, 1, b_new, "weight")])
+    add = helper.make_node("Add", [node.output[0], ""], [""])  # apply names it
+    writes = [(node, 1, b_new, "weight"), (add, 1, c_new, "bias")]
+    return _plan(source, node, (node, add), writes, new_nodes=((add, node),))
 
 
 def check_matmul_add(scope: Scope, add: onnx.NodeProto, source: Source) -> Plan | Reject:
-    """MatMul -> Add(c) with a rank-2 output: B' = B*s, c' = c*s + t. The MatMul's output changes
-    values, so ``apply`` renames it."""
-    mm, c_name = None, None
-    for i, other in ((0, 1), (1, 0)):
-        p = scope.producer.get(_input(add, i))
-        if is_op(p, "MatMul"):
-            mm, c_name = p, _input(add, other)
-            break
-    if mm is None or not c_name:
+    """MatMul -> Add(c): B' = B*s, c' = c*s + t. The MatMul's output changes values, so
+    ``apply`` renames it."""
+    found_mm = matmul_of_add(scope, add)
+    if found_mm is None:
         return Reject(
             SkipReason.UNSUPPORTED_PRODUCER,
             "Add is not MatMul + constant; an Add of activations cannot absorb BN",
         )
+    mm, c_name = found_mm
     if not scope.single_use(mm.output[0]):
         return Reject(
             SkipReason.PRODUCER_OUTPUT_SHARED,
             f"MatMul output {mm.output[0]!r} also feeds other nodes or is a graph output",
         )
     c = scope.constant(c_name, what="bias (Add constant)")
-    b = _matmul_weight(scope, mm, source)
-    if isinstance(b, Reject):
-        return b
-    c_vec = fold_math.channel_vector(c, source.affine.channels)
+    found = _matmul_weight(scope, mm, source)
+    if isinstance(found, Reject):
+        return found
+    b, _rank = found
+    aff = source.widened(b.shape[1]).affine
+    if (bad := _channels_problem(aff, "MatMul", b.shape[1])) is not None:
+        return bad
+    c_vec = fold_math.channel_vector(c, aff.channels)
     if c_vec is None:
         return Reject(
             SkipReason.BIAS_NOT_PER_CHANNEL,
             f"Add constant has shape {c.shape}, which is not constant per output column",
         )
-    b_new = _scaled(b, source.affine, "B", axis=1)
+    b_new = _scaled(b, aff, "B", axis=1)
     c_like = c if c.dtype.kind == "f" or str(c.dtype) == "bfloat16" else b
-    c_new = _cast(fold_math.fold_bias(c_vec, source.affine), c_like, "the Add constant")
+    c_new = _cast(fold_math.fold_bias(c_vec, aff), c_like, "the Add constant")
     c_index = list(add.input).index(c_name)
     return _plan(source, add, (mm, add), [(mm, 1, b_new, "weight"), (add, c_index, c_new, "bias")])
 

@@ -66,6 +66,10 @@ class ConstantScope(Protocol):
 
     def constant(self, name: str, *, what: str) -> np.ndarray: ...
 
+    def shape(self, name: str) -> tuple[int | str | None, ...] | None: ...
+
+    def elem_type(self, name: str) -> int | None: ...
+
 
 def non_const_reason(what: str) -> SkipReason:
     """BN parameters and layer weights have their own reason codes."""
@@ -114,6 +118,10 @@ def resolve(scope: ConstantScope, name: str, *, what: str, depth: int = 0) -> np
         value = resolve(scope, node.input[0], what=what, depth=depth + 1)
         scope.const_nodes.add(key)
         return value
+    if node.op_type in _METADATA_OPS:
+        value = _from_metadata(scope, node, what=what, depth=depth)
+        scope.const_nodes.add(key)
+        return value
     if node.op_type in _NONDETERMINISTIC or any(
         a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute
     ):
@@ -129,6 +137,50 @@ def resolve(scope: ConstantScope, name: str, *, what: str, depth: int = 0) -> np
         )
     scope.const_nodes.add(key)
     return value
+
+
+_METADATA_OPS = ("CastLike", "Shape", "Size")
+
+
+def _from_metadata(scope: ConstantScope, node: onnx.NodeProto, *, what: str, depth: int) -> np.ndarray:
+    """Ops that read only static metadata of one input: ``CastLike``'s second input contributes
+    its element type, ``Shape``/``Size`` a static shape. That input need not be constant (torch's
+    exporter writes a bias-less Conv's zero bias as ``Expand(CastLike(0, x), Shape(W)[0:1])``)."""
+    subject = node.input[1] if node.op_type == "CastLike" else node.input[0]
+    if node.op_type == "CastLike":
+        elem = scope.elem_type(subject)
+        if elem is None or elem == onnx.TensorProto.UNDEFINED:
+            elem = helper.np_dtype_to_tensor_dtype(resolve(scope, subject, what=what, depth=depth + 1).dtype)
+        value = resolve(scope, node.input[0], what=what, depth=depth + 1)
+        return value.astype(helper.tensor_dtype_to_np_dtype(elem))
+    shape = scope.shape(subject)
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        try:
+            shape = resolve(scope, subject, what=what, depth=depth + 1).shape
+        except NotConstant:
+            raise NotConstant(
+                non_const_reason(what),
+                f"{what} {node.output[0]!r} is the {node.op_type} of {subject!r}, whose shape is not static",
+            ) from None
+    dims = np.array([int(d) for d in shape], dtype=np.int64)  # type: ignore[arg-type]
+    if node.op_type == "Size":
+        return np.array(int(np.prod(dims)), dtype=np.int64)
+    rank = len(dims)
+    start = _clamp(int(_attr_int(node, "start", 0)), rank)
+    end = _clamp(int(_attr_int(node, "end", rank)), rank)
+    return dims[start:end]
+
+
+def _attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
+    for a in node.attribute:
+        if a.name == name:
+            return int(a.i)
+    return default
+
+
+def _clamp(axis: int, rank: int) -> int:
+    """ONNX Shape's start/end: negative counts from the back; clamped to [0, rank]."""
+    return min(max(axis + rank if axis < 0 else axis, 0), rank)
 
 
 def read_initializer(tensor: onnx.TensorProto, base_dir: str | None) -> np.ndarray:

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
-Shape = tuple[int | None, ...]
+Shape = tuple[int | str | None, ...]
+"""A static shape: an int per known dimension, the ``dim_param`` name of a symbolic one, or None."""
 
 
 # --------------------------------------------------------------------------- nodes and walking
@@ -209,6 +210,7 @@ class Scope:
     const_nodes: set[tuple[str, str]] = field(default_factory=set)  # nodes read as constants
     doomed: set[tuple[str, str]] = field(default_factory=set)  # nodes to delete at the end of a round
     stale_names: set[str] = field(default_factory=set)  # value_info to drop at the end of a round
+    not_constant: set[str] = field(default_factory=set)  # names found not constant (see constant_or_none)
 
     @classmethod
     def of_graph(
@@ -263,8 +265,29 @@ class Scope:
         self.const_cache[name] = value
         return value
 
+    def constant_or_none(self, name: str) -> np.ndarray | None:
+        """The value of ``name`` if it is a constant here, else None (remembered: cheap to ask again)."""
+        if name in self.const_cache:
+            return self.const_cache[name]
+        if not name or name in self.not_constant:
+            return None
+        try:
+            return self.constant(name, what="constant")
+        except constants.NotConstant:
+            self.not_constant.add(name)
+            return None
+
+    def consumers(self) -> dict[str, list[onnx.NodeProto]]:
+        """Name -> the nodes of this scope reading it (a snapshot: rebuild after changes)."""
+        out: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.nodes:
+            for i in n.input:
+                if i:
+                    out.setdefault(i, []).append(n)
+        return out
+
     def shape(self, name: str) -> Shape | None:
-        """Static shape (None per unknown dim) of a tensor, or None when even its rank is unknown."""
+        """Static shape (see :data:`Shape`) of a tensor, or None when even its rank is unknown."""
         if self.graph is None:  # function bodies are not shape-inferred
             return None
         self.index.ensure_types()
@@ -338,16 +361,18 @@ def infer_types(model: onnx.ModelProto) -> dict[str, tuple[int, Shape | None]]:
         for v in [*body.input, *body.output, *body.value_info]:
             if v.type.HasField("tensor_type"):
                 t = v.type.tensor_type
-                shape = (
-                    tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
-                    if t.HasField("shape")
-                    else None
-                )
+                shape = tuple(_dim(d) for d in t.shape.dim) if t.HasField("shape") else None
                 if v.name not in types or types[v.name][1] is None:
                     types[v.name] = (t.elem_type, shape)
         for tensor in body.initializer:
             types[tensor.name] = (tensor.data_type, tuple(int(d) for d in tensor.dims))
     return types
+
+
+def _dim(d: onnx.TensorShapeProto.Dimension) -> int | str | None:
+    if d.HasField("dim_value"):
+        return int(d.dim_value)
+    return d.dim_param if d.HasField("dim_param") and d.dim_param else None
 
 
 def _is_large(t: onnx.TensorProto) -> bool:

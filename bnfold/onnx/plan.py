@@ -7,7 +7,7 @@ every node that dies) or a :class:`Reject`; only :func:`bnfold.onnx.rewrite.appl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -36,14 +36,29 @@ class Source:
     """
 
     kind: str
-    """``batchnorm`` (more kinds come with issue 12)."""
+    """``batchnorm``, ``mul-add chain`` or ``bias add`` (see :attr:`bnfold.report.Folded.source`)."""
     label: str
-    """The name reported for it (a BN node's name)."""
+    """The name reported for it (a BN node's name, a chain's first node's name)."""
     input: str
     output: str
     affine: Affine
     nodes: tuple[onnx.NodeProto, ...]
-    axis: int = 1
+    axis: int | None = 1
+    """Channel axis of ``input``; None for a map by scalars (the same on every channel)."""
+    last_axis_vector: bool = False
+    """The axis comes from a (C,) constant on a tensor of rank > 2 (its last axis)."""
+
+    def on_axis(self, axis: int | None) -> Source:
+        """The same map, with its channel axis expressed on another tensor (after a path)."""
+        return replace(self, axis=axis)
+
+    def widened(self, channels: int) -> Source:
+        """A map by scalars (no axis, one channel) as a map on ``channels`` channels; a map with
+        an axis is returned unchanged (a BN's (1,) parameters are a shape mismatch, not scalars)."""
+        if self.axis is not None or self.affine.channels != 1 or channels == 1:
+            return self
+        aff = Affine(np.repeat(self.affine.scale, channels), np.repeat(self.affine.shift, channels))
+        return replace(self, affine=aff)
 
 
 @dataclass(frozen=True)
@@ -75,4 +90,10 @@ class Plan:
     op_type: tuple[onnx.NodeProto, str] | None = None
     """``(node, new op type)``: the node's attributes are cleared first (MatMul -> Gemm)."""
     dead: tuple[onnx.NodeProto, ...] = ()
-    """Nodes removed besides ``source.nodes`` (ops looked through)."""
+    """Nodes removed besides ``source.nodes``."""
+    new_nodes: tuple[tuple[onnx.NodeProto, onnx.NodeProto], ...] = ()
+    """``(new node, existing node it follows)``: nodes to insert (a bias Add after a MatMul);
+    each new node must be in ``chain``."""
+    through: tuple[str, ...] = ()
+    """Op types of the path between the layer and the source (reported)."""
+    direction: str = "backward"

@@ -29,8 +29,9 @@ from .plan import Plan
 
 def apply(scope: Scope, plan: Plan) -> list[str]:
     """Execute ``plan`` in ``scope``; returns the names of the initializers it created."""
+    _name_new_nodes(scope, plan)
     chain_ids = {node_id(n) for n in plan.chain}
-    touched = [v.node for v in plan.values] + [a[0] for a in plan.attrs]
+    touched = [v.node for v in plan.values] + [a[0] for a in plan.attrs] + [n for n, _ in plan.new_nodes]
     if plan.op_type is not None:
         touched.append(plan.op_type[0])
     if any(node_id(n) not in chain_ids for n in touched):
@@ -39,33 +40,70 @@ def apply(scope: Scope, plan: Plan) -> list[str]:
         node, op = plan.op_type
         node.op_type = op
         del node.attribute[:]
+    anchors = {node_id(new): anchor for new, anchor in plan.new_nodes}
     created: list[str] = []
     for v in plan.values:
-        created += set_input(scope, v.node, v.index, v.value, v.kind)
+        before = anchors.get(node_id(v.node), v.node)
+        created += set_input(scope, v.node, v.index, v.value, v.kind, before=before)
     for node, name, value in plan.attrs:
         set_attr(node, name, value)
+    live = _insert_new_nodes(scope, plan)
     for node in (*plan.source.nodes, *plan.dead):
         kill(scope, node)
-    _rename_chain(scope, plan)
+    _rename_chain(scope, [live.get(node_id(n), n) for n in plan.chain], plan.source.output)
     return created
 
 
-def _rename_chain(scope: Scope, plan: Plan) -> None:
+def _name_new_nodes(scope: Scope, plan: Plan) -> None:
+    """Give each new node fresh names and put it between its anchor and the next chain node."""
+    ns = scope.ns
+    ids = [node_id(n) for n in plan.chain]
+    for new, anchor in plan.new_nodes:
+        out = anchor.output[0]
+        new.name = ns.fresh_name(f"{anchor.name or anchor.op_type}_bnfold_{new.op_type.lower()}")
+        new.output[0] = ns.fresh_name(f"{out}_bnfold")
+        ns.uses[out] += 1
+        at = ids.index(node_id(anchor)) + 1
+        ids[at] = node_id(new)
+        if at + 1 < len(plan.chain):
+            nxt = plan.chain[at + 1]
+            for j, name in enumerate(nxt.input):
+                if name == out:
+                    nxt.input[j] = new.output[0]
+                    ns.uses[out] -= 1
+                    ns.uses[new.output[0]] += 1
+
+
+def _insert_new_nodes(scope: Scope, plan: Plan) -> dict[tuple[str, str], onnx.NodeProto]:
+    """Insert the plan's new nodes after their anchors; the stored copies, by node id."""
+    live = {}
+    for new, anchor in plan.new_nodes:
+        key = node_id(anchor)
+        idx = next(i for i, n in enumerate(scope.nodes) if node_id(n) == key)
+        scope.nodes.insert(idx + 1, new)  # insert() stores a copy
+        stored = scope.nodes[idx + 1]
+        scope.producer[new.output[0]] = stored
+        live[node_id(new)] = stored
+    return live
+
+
+def _rename_chain(scope: Scope, chain: list[onnx.NodeProto], final: str) -> None:
     """The last chain node writes the source's output; the others' outputs get fresh names.
 
     Runs after the source's nodes died, so the source's output has no producer left.
     """
     ns = scope.ns
-    final = plan.source.output
-    last = len(plan.chain) - 1
-    for i, node in enumerate(plan.chain):
+    last = len(chain) - 1
+    for i, node in enumerate(chain):
         old = node.output[0]
         new = final if i == last else ns.fresh_name(f"{old}_bnfold")
         node.output[0] = new
+        if old in ns.types:  # other values, same type and shape
+            ns.types.setdefault(new, ns.types[old])
         if i < last:
             ns.uses[new] += ns.uses[old]
             ns.uses[old] = 0
-            nxt = plan.chain[i + 1]
+            nxt = chain[i + 1]
             for j, name in enumerate(nxt.input):
                 if name == old:
                     nxt.input[j] = new
@@ -76,14 +114,23 @@ def _rename_chain(scope: Scope, plan: Plan) -> None:
 
 
 def kill(scope: Scope, node: onnx.NodeProto) -> None:
-    """Mark ``node`` dead: its inputs lose a use, its outputs leave the producer map."""
+    """Mark ``node`` dead: its inputs lose a use, its outputs leave the producer map.
+
+    Its first output is replaced by a marker no tensor can be named, so that the node it is
+    deleted by (``flush``) is never confused with the live node that now writes that name.
+    """
     for i in node.input:
         if i:
             scope.ns.uses[i] -= 1
-    scope.doomed.add(node_id(node))
     for o in node.output:
         scope.producer.pop(o, None)
     scope.stale_names.update(o for o in node.output if o)
+    marker = f"\x00dead:{len(scope.doomed)}:{node.output[0] if node.output else ''}"
+    if node.output:
+        node.output[0] = marker
+    else:
+        node.output.append(marker)
+    scope.doomed.add(node_id(node))
 
 
 def set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
@@ -94,12 +141,21 @@ def set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
     node.attribute.append(helper.make_attribute(name, value))
 
 
-def set_input(scope: Scope, node: onnx.NodeProto, index: int, value: np.ndarray, kind: str) -> list[str]:
+def set_input(
+    scope: Scope,
+    node: onnx.NodeProto,
+    index: int,
+    value: np.ndarray,
+    kind: str,
+    *,
+    before: onnx.NodeProto | None = None,
+) -> list[str]:
     """Point ``node.input[index]`` at ``value``; returns the initializer names created.
 
     An initializer of this scope read only by this node is overwritten in place (its name is
     kept); anything shared, overridable, outer-scope or computed gets a fresh initializer, so
-    other readers keep the original values.
+    other readers keep the original values. ``before``: the node a new Constant goes before in a
+    function body (``node`` itself unless it is not in the graph yet).
     """
     ns = scope.ns
     old = node.input[index] if index < len(node.input) else ""
@@ -111,7 +167,7 @@ def set_input(scope: Scope, node: onnx.NodeProto, index: int, value: np.ndarray,
         scope.const_cache.pop(old, None)
         return []
     base = f"{old or (node.name or node.op_type) + '_' + kind}_bnfold"
-    name = add_constant(scope, base, value, before=node)
+    name = add_constant(scope, base, value, before=before if before is not None else node)
     while len(node.input) <= index:
         node.input.append("")
     if old:

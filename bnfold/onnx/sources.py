@@ -1,4 +1,5 @@
-"""What yields a per-channel affine map: BatchNormalization in inference mode.
+"""What yields a per-channel affine map: BatchNormalization in inference mode, and chains of
+Mul/Add/Sub/Div by per-channel constants (keras 3 writes every BN as ``Mul -> Add``).
 
 ONNX BatchNormalization (all opsets) normalizes axis 1 of its input ``X``::
 
@@ -13,13 +14,16 @@ ONNX BatchNormalization (all opsets) normalizes axis 1 of its input ``X``::
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 
 from .. import fold_math
 from ..report import SkipReason
 from .constants import NotConstant
-from .graph import Scope, attr, is_op
+from .graph import Scope, attr, is_op, node_id
 from .plan import Reject, Source
 
 
@@ -95,3 +99,133 @@ def bn_source(scope: Scope, bn: onnx.NodeProto) -> Source | Reject:
 def _is_float(a: np.ndarray) -> bool:
     dtype = np.asarray(a).dtype
     return dtype.kind == "f" or str(dtype) == "bfloat16"
+
+
+# --------------------------------------------------------------------------- Mul/Add/Sub/Div chains
+
+AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One ``Mul/Add/Sub/Div`` of an activation by a constant."""
+
+    node: onnx.NodeProto
+    activation: str
+    constant: np.ndarray
+    activation_first: bool
+
+
+def affine_step(scope: Scope, node: onnx.NodeProto) -> Step | None:
+    """``node`` as an affine step (one activation, one floating-point constant), else None.
+
+    ``c / x`` is not affine in ``x``: None.
+    """
+    if not is_op(node, *AFFINE_OPS) or len(node.input) != 2 or len(node.output) != 1:
+        return None
+    a, b = node.input
+    ca, cb = scope.constant_or_none(a), scope.constant_or_none(b)
+    if (ca is None) == (cb is None):
+        return None
+    step = Step(node, b, ca, False) if ca is not None else Step(node, a, cb, True)  # type: ignore[arg-type]
+    if node.op_type == "Div" and not step.activation_first:
+        return None
+    if not _is_float(step.constant):
+        return None
+    return step
+
+
+def chain_steps(
+    scope: Scope, start: onnx.NodeProto, consumers: Mapping[str, Sequence[onnx.NodeProto]]
+) -> list[Step] | None:
+    """The longest chain of affine steps beginning at ``start``, or None when ``start`` is not
+    a chain's first step (not affine, or continuing a chain whose earlier step reads a constant).
+
+    Every step but the last writes a tensor only the next step reads.
+    """
+    first = affine_step(scope, start)
+    if first is None:
+        return None
+    before = scope.producer.get(first.activation)
+    if before is not None and scope.single_use(first.activation) and affine_step(scope, before) is not None:
+        return None
+    steps = [first]
+    while scope.single_use(steps[-1].node.output[0]):
+        out = steps[-1].node.output[0]
+        readers = [n for n in consumers.get(out, ()) if node_id(n) not in scope.doomed]
+        nxt = affine_step(scope, readers[0]) if len(readers) == 1 else None
+        if nxt is None or nxt.activation != out:
+            break
+        steps.append(nxt)
+    return steps
+
+
+def chain_source(scope: Scope, steps: Sequence[Step]) -> Source | Reject:
+    """The chain as one affine map on its input's channel axis, or why it is not per-channel.
+
+    Constants count as per-channel only when they vary along one axis once right-aligned with
+    the input (``(1,C,1,1)``, ``(C,1,1)`` and ``(C,)`` on a rank-2 tensor: axis 1; ``(C,)`` on a
+    rank-4 tensor: axis 3, its last); scalars fit every axis.
+    """
+    x = steps[0].activation
+    rank = scope.rank(x)
+    axis: int | None = None
+    channels = 1
+    last_vector = False
+    for st in steps:
+        c = st.constant
+        if c.size == 1 and (rank is None or c.ndim <= rank):
+            continue
+        if rank is None:
+            return Reject(
+                SkipReason.CHANNEL_AXIS_MISMATCH,
+                f"the rank of {x!r} is unknown, so the axis of {st.node.op_type} constant {c.shape} is unknown",
+            )
+        padded = (1,) * (rank - c.ndim) + c.shape
+        varying = [i for i, d in enumerate(padded) if d != 1]
+        if c.ndim > rank or len(varying) != 1 or (axis is not None and varying[0] != axis):
+            return Reject(
+                SkipReason.NOT_PER_CHANNEL,
+                f"{st.node.op_type} {st.node.name!r} by a constant of shape {c.shape} on a rank-{rank} "
+                "tensor does not vary along one channel axis",
+            )
+        axis, channels = varying[0], padded[varying[0]]
+        last_vector = last_vector or (c.ndim == 1 and rank > 2)
+    scale, shift = np.ones(channels), np.zeros(channels)
+    for st in steps:
+        c = np.asarray(st.constant, dtype=np.float64).reshape(-1)
+        op = st.node.op_type
+        if op == "Mul":
+            scale, shift = scale * c, shift * c
+        elif op == "Add":
+            shift = shift + c
+        elif op == "Sub" and st.activation_first:
+            shift = shift - c
+        elif op == "Sub":
+            scale, shift = -scale, c - shift
+        elif np.any(c == 0):
+            return Reject(
+                SkipReason.DIVISION_BY_ZERO,
+                f"Div {st.node.name!r} divides by a constant with a zero element: x / 0 is not W / 0",
+            )
+        else:
+            scale, shift = scale / c, shift / c
+    head = steps[0].node
+    return Source(
+        kind=chain_kind(steps),
+        label=head.name or f"{head.op_type}({head.output[0]})",
+        input=x,
+        output=steps[-1].node.output[0],
+        affine=fold_math.Affine(scale=scale, shift=shift),
+        nodes=tuple(st.node for st in steps),
+        axis=axis,
+        last_axis_vector=last_vector,
+    )
+
+
+def chain_kind(steps: Sequence[Step]) -> str:
+    """``bias add`` for a chain of ``+ c`` / ``- c`` alone, else ``mul-add chain``."""
+    bias_only = all(
+        st.node.op_type == "Add" or (st.node.op_type == "Sub" and st.activation_first) for st in steps
+    )
+    return "bias add" if bias_only else "mul-add chain"
