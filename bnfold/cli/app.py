@@ -91,6 +91,14 @@ class BnfoldGroup(TyperGroup):
             args = ["fold", *args]
         return super().parse_args(ctx, args)
 
+    def invoke(self, ctx: Any) -> Any:
+        """Run the command; Ctrl-C becomes :class:`Interrupted` (typer would turn it into a silent
+        exit 130)."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted("") from None
+
     def format_help(self, ctx: Any, formatter: Any) -> None:
         """``bnfold --help`` is the fold's help (what most people run), then the commands."""
         fold = self.commands["fold"]
@@ -143,11 +151,8 @@ def _exit_code_of(exc: BaseException, *, debug: bool) -> int:
         print_error(exc.format_message())
         return exc.exit_code
     if isinstance(exc, (KeyboardInterrupt, typer.Abort, Interrupted)):
-        print(
-            f"bnfold: {exc if isinstance(exc, Interrupted) and str(exc) else 'interrupted; nothing was written'}",
-            file=sys.stderr,
-            flush=True,
-        )
+        said = str(exc) if isinstance(exc, Interrupted) else ""
+        print(f"bnfold: {said or 'interrupted; nothing was written'}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     if isinstance(exc, BnfoldError):
         if debug:

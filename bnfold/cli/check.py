@@ -16,6 +16,7 @@ processes. :func:`check_command` wires the command's options to them.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import glob
 import logging
 import multiprocessing
@@ -30,7 +31,7 @@ from typing import Annotated
 import typer
 
 from bnfold.cli import junit
-from bnfold.cli.console import Ui, one_line, print_error
+from bnfold.cli.console import Ui, one_line, print_error, stdout_to_stderr
 from bnfold.cli.options import (
     AtolOption,
     DebugOption,
@@ -47,11 +48,12 @@ from bnfold.cli.options import (
     VersionOption,
     shapes_of,
 )
-from bnfold.cli.paths import refuse_report_over
-from bnfold.cli.reports import check_writable, emit_json, write_text_atomic
+from bnfold.cli.paths import check_writable, refuse_report_over
+from bnfold.cli.reports import emit_json
 from bnfold.cli.results import CheckOptions, CheckResult, CheckStatus, ModelCheck
 from bnfold.cli.stats import model_stats
 from bnfold.errors import BnfoldError, InputError
+from bnfold.onnx.io import write_text_atomic
 from bnfold.report import VerifyReport, VerifyStatus
 
 logger = logging.getLogger(__name__)
@@ -125,14 +127,14 @@ def check_command(
     ui = Ui(quiet=quiet, verbose=verbose, json_stdout=json_stdout)
     check_writable(json_file, "--json-file")
     check_writable(junit_xml, "--junit-xml")
-    paths = discover_models(models)
+    paths, unfound = discover(models)
     protected = [*paths, *([against] if against else [])]
     refuse_report_over(json_file, "--json-file", protected)
     refuse_report_over(junit_xml, "--junit-xml", protected)
     if against is not None:
-        if len(paths) != 1:
+        if len(paths) + len(unfound) != 1:
             raise typer.BadParameter(
-                f"--against compares one model; got {len(paths)}", param_hint="--against"
+                f"--against compares one model; got {len(paths) + len(unfound)}", param_hint="--against"
             )
         if not os.path.isfile(against):
             raise InputError(f"{against}: {'is a directory' if os.path.isdir(against) else 'no such file'}")
@@ -145,7 +147,13 @@ def check_command(
             inputs=inputs, shapes=shapes_of(shape), seed=seed, samples=samples, atol=atol, rtol=rtol
         ),
     )
-    result = _run_with_progress(paths, options, jobs=jobs or os.cpu_count() or 1, ui=ui)
+    with stdout_to_stderr(json_stdout):
+        result = (
+            _run_with_progress(paths, options, jobs=jobs or os.cpu_count() or 1, ui=ui)
+            if paths
+            else CheckResult(models=(), options=options)
+        )
+    result = dataclasses.replace(result, models=(*result.models, *unfound))
     _report_on_stderr(result, ui=ui, debug=debug)
     if any(m.status is not CheckStatus.ERROR for m in result.models):
         ui.print(check_summary(result, verbose=ui.verbose))
@@ -200,33 +208,52 @@ def discover_models(specs: Sequence[str]) -> list[str]:
     checked once. Raises :class:`InputError` for a path that does not exist, a directory
     without ``.onnx`` files and a pattern that matches nothing.
     """
-    found: list[str] = []
-    seen: set[str] = set()
-
-    def add(path: str) -> None:
-        key = os.path.realpath(path)
-        if key not in seen:
-            seen.add(key)
-            found.append(path)
-
-    for spec in specs:
-        if os.path.isdir(spec):
-            files = _onnx_files_under(spec)
-            if not files:
-                raise InputError(f"{spec}: no .onnx files in this directory")
-        elif os.path.lexists(spec):
-            files = [spec]
-        elif glob.has_magic(spec):
-            files = []
-            for m in sorted(glob.glob(spec, recursive=True)):
-                files.extend(_onnx_files_under(m) if os.path.isdir(m) else [m])
-            if not files:
-                raise InputError(f"{spec}: no files match this pattern")
-        else:
-            raise InputError(f"{spec}: no such file or directory")
-        for f in files:
-            add(f)
+    found, problems = discover(specs)
+    if problems:
+        raise InputError(problems[0].error or "")
     return found
+
+
+def discover(specs: Sequence[str]) -> tuple[list[str], list[ModelCheck]]:
+    """:func:`discover_models` that goes on past a spec that finds nothing: the models found,
+    and an ``error`` entry per such spec (so one missing file does not stop the reports)."""
+    found: list[str] = []
+    problems: list[ModelCheck] = []
+    seen: set[str] = set()
+    for spec in specs:
+        try:
+            files = _expand(spec)
+        except InputError as exc:
+            problems.append(
+                ModelCheck(
+                    path=spec, status=CheckStatus.ERROR, error=one_line(str(exc)), error_type="input-error"
+                )
+            )
+            continue
+        for f in files:
+            key = os.path.realpath(f)
+            if key not in seen:
+                seen.add(key)
+                found.append(f)
+    return found, problems
+
+
+def _expand(spec: str) -> list[str]:
+    if os.path.isdir(spec):
+        files = _onnx_files_under(spec)
+        if not files:
+            raise InputError(f"{spec}: no .onnx files in this directory")
+        return files
+    if os.path.lexists(spec):
+        return [spec]
+    if glob.has_magic(spec):
+        files = []
+        for m in sorted(glob.glob(spec, recursive=True)):
+            files.extend(_onnx_files_under(m) if os.path.isdir(m) else [m])
+        if not files:
+            raise InputError(f"{spec}: no files match this pattern")
+        return files
+    raise InputError(f"{spec}: no such file or directory")
 
 
 def _onnx_files_under(directory: str) -> list[str]:

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 
@@ -129,6 +129,35 @@ def silence_stdout() -> None:
         pass
 
 
+@contextmanager
+def stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    """While ``enabled`` (``--json`` on stdout), send everything written to stdout, by Python
+    code or at the file-descriptor level (onnxruntime's "EP Error" banner), to stderr, so
+    stdout carries the JSON document and nothing else."""
+    if not enabled:
+        yield
+        return
+    import contextlib
+    import warnings
+
+    saved: int | None = None
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except (OSError, ValueError, AttributeError):  # no real fd 1 (a test runner's buffer)
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # numpy's RuntimeWarnings are not the report
+            yield
+    finally:
+        if saved is not None:
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(saved, 1)
+            os.close(saved)
+
+
 class Ui:
     """The consoles of one command run: ``out`` (stdout) for the summary, ``err`` for progress."""
 
@@ -147,7 +176,7 @@ class Ui:
                     console.width = 120
         self.show_progress = self.err.is_terminal and not quiet and not json_stdout and not self.verbose
         self._start = time.perf_counter()
-        self._status: Any = None
+        self._status: Callable[[str], None] | None = None
 
     def print(self, renderable: Any) -> None:
         """The summary on stdout. A stdout that cannot take it (full disk, closed) costs one
@@ -163,14 +192,29 @@ class Ui:
                 f"bnfold: warning: cannot write the summary to stdout ({reason})", file=sys.stderr, flush=True
             )
 
-    def status(self) -> AbstractContextManager[Any]:
-        """A spinner on stderr for a terminal; nothing otherwise."""
-        if self.show_progress:
-            from rich.text import Text
+    @contextmanager
+    def status(self) -> Iterator[None]:
+        """On a terminal: ``⠇ verifying (3 samples)  0:00:12`` on stderr, the step and the time
+        it has been running; nothing otherwise."""
+        if not self.show_progress:
+            yield
+            return
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-            self._status = self.err.status(Text("starting"), spinner="dots")
-            return self._status
-        return nullcontext()
+        bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}", markup=False),
+            TimeElapsedColumn(),
+            console=self.err,
+            transient=True,
+        )
+        with bar:
+            task = bar.add_task("starting", total=None)
+            self._status = lambda message: bar.update(task, description=message)
+            try:
+                yield
+            finally:
+                self._status = None
 
     def progress(self, message: str) -> None:
         """A step: a timed line on stderr with --verbose, else the spinner's text."""
@@ -181,7 +225,7 @@ class Ui:
                 Text.assemble((f"{time.perf_counter() - self._start:7.2f}s ", "dim"), printable(message))
             )
         elif self._status is not None:
-            self._status.update(Text(printable(message)))
+            self._status(printable(message))
 
     @contextmanager
     def counter(self, total: int) -> Iterator[Callable[[str], None]]:
@@ -193,7 +237,7 @@ class Ui:
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             console=self.err,
             transient=True,
         )

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from bnfold.cli.console import Ui, one_line
+from bnfold.cli.console import Ui, one_line, stdout_to_stderr
 from bnfold.cli.names import exclude_outputs
 from bnfold.cli.options import (
     AtolOption,
@@ -33,13 +33,14 @@ from bnfold.cli.options import (
 )
 from bnfold.cli.paths import (
     Target,
+    check_writable,
     make_folders,
     refuse_report_over,
     remove_empty_folders,
     resolve_paths,
     same_file,
 )
-from bnfold.cli.reports import check_writable, emit_json
+from bnfold.cli.reports import emit_json
 from bnfold.cli.request import FoldRequest, not_written, written
 from bnfold.cli.results import FoldOutcome, Interrupted
 from bnfold.cli.stats import model_stats, stats_for_path
@@ -197,7 +198,7 @@ def _run(request: FoldRequest, target: Target, ui: Ui) -> FoldOutcome:
     outcome: FoldOutcome | None = None
     make_folders(target.new_folders)
     try:
-        with ui.status():
+        with ui.status(), stdout_to_stderr(ui.json_stdout):
             if request.is_torch:
                 from bnfold.cli.fold_torch import fold_torch
 
@@ -216,6 +217,13 @@ def fold_onnx_request(req: FoldRequest, *, progress: Callable[[str], None]) -> F
 
     start = time.perf_counter()
     progress(f"reading {req.source}")
+    samples = (
+        f" ({req.options.samples} samples)" if req.options.inputs is None else f" ({req.options.inputs})"
+    )
+
+    def step(name: str) -> None:
+        progress(f"{name}{samples}" if name == "verifying" else name)
+
     model = load_model(req.source, lazy=True)
     before = model_stats(model, req.source)
     exclude = exclude_outputs(model, req.exclude, path=req.source)
@@ -231,7 +239,7 @@ def fold_onnx_request(req: FoldRequest, *, progress: Callable[[str], None]) -> F
             options=req.options,
             external_data=req.external_data,
             exclude=exclude,
-            progress=progress,
+            progress=step,
         )
     except VerificationError as exc:
         return not_written(req, exc, start=start, before=before, report=getattr(exc.result, "report", None))

@@ -31,6 +31,20 @@ class Target:
     """Folders of ``output`` that do not exist yet (``-o deploy/``), outermost first."""
 
 
+def refuse_special(path: str) -> None:
+    """Refuse an output bnfold must not replace with a regular file: a device, a FIFO, a link
+    into ``/proc`` or ``/dev`` (``/proc/self/fd/1`` is whatever stdout is), a folder that does
+    not exist or that it cannot write in."""
+    hop = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit on links followed
+        if not os.path.islink(hop):
+            break
+        hop = os.path.abspath(os.path.join(os.path.dirname(hop), os.readlink(hop)))
+        if hop.startswith(("/proc/", "/dev/")):
+            raise InputError(f"{path}: is a link to {hop}, not a regular file; refusing to replace it")
+    check_output(os.path.abspath(path), path)
+
+
 def same_file(a: str, b: str) -> bool:
     """``a`` and ``b`` name one file (through links too); paths not there yet compare by real path."""
     if os.path.exists(a) and os.path.exists(b):
@@ -59,7 +73,7 @@ def resolve_paths(
             raise typer.BadParameter("give either MODEL or --factory, not both", param_hint="MODEL")
         if output is None:
             raise typer.BadParameter("--factory needs -o/--output", param_hint="-o/--output")
-        check_output(os.path.abspath(output), output)
+        refuse_special(output)
         return Target(factory, output)
     if model is None:
         raise UsageError("missing MODEL (bnfold MODEL -o OUT)")
@@ -86,7 +100,7 @@ def resolve_paths(
             f"{output} is the input model; pass --in-place to overwrite it", param_hint="-o/--output"
         )
     if not new_folders:
-        check_output(os.path.abspath(output), output)
+        refuse_special(output)
     return Target(model, output, new_folders)
 
 
@@ -132,3 +146,16 @@ def refuse_report_over(report: str | None, option: str, protected: Iterable[str]
             raise typer.BadParameter(
                 f"{report} names a model of this run ({path}); write the report elsewhere", param_hint=option
             )
+
+
+def check_writable(path: str | None, option: str) -> None:
+    """Refuse a report path whose folder does not exist, or that names a special file or an
+    unwritable place, before doing any work."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise typer.BadParameter(f"{path} is a directory", param_hint=option)
+    if not os.path.isdir(folder):
+        raise typer.BadParameter(f"{path}: folder {folder} does not exist", param_hint=option)
+    refuse_special(path)

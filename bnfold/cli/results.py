@@ -190,7 +190,10 @@ class CheckResult:
 
     @property
     def exit_code(self) -> int:
-        """0 when every model is clean, 1 when any has findings, 2 when any could not be read."""
+        """0 when every model is clean, 1 when any has findings, 2 when any could not be read,
+        3 when checking one hit a bug in bnfold (so CI can tell a bug from bad input)."""
+        if any(m.error_type == "internal-error" for m in self.models):
+            return EXIT_INTERNAL
         if any(m.status is CheckStatus.ERROR for m in self.models):
             return EXIT_USAGE
         if any(m.status is CheckStatus.FINDINGS for m in self.models):

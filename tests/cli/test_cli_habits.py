@@ -245,3 +245,27 @@ def test_command_help_has_no_python_types(command: str) -> None:
     assert result.exit_code == 0
     assert "<str>" not in result.stdout and "<list" not in result.stdout and "{MODEL}" not in result.stdout
     assert "Examples:" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# the repository a newcomer clones
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_license_file_matches_pyproject() -> None:
+    assert 'license = { text = "MIT" }' in (ROOT / "pyproject.toml").read_text()
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_pre_commit_hook_runs_once_per_commit() -> None:
+    """Before: pre-commit split the files into parallel batches, one table and summary each."""
+    hook = (ROOT / ".pre-commit-hooks.yaml").read_text()
+    assert "\n  require_serial: true\n" in hook and "require_serial: false" not in hook
+
+
+def test_package_is_typed() -> None:
+    import bnfold
+
+    assert (Path(bnfold.__file__).parent / "py.typed").exists()

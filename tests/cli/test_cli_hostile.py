@@ -1,0 +1,236 @@
+"""Issue 10, the CLI's items: report paths over models (2), special files as outputs (3),
+unwritable output folders (15), check's exit codes and reports when models fail (9), stdout
+that carries only JSON (11), and Ctrl-C (issue 11). Each says what went wrong before."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_builders import conv_bn_model, save
+from test_cli_output import bnfold_exe
+from typer.testing import CliRunner
+
+from bnfold.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def model(tmp_path: Path, rng: np.random.Generator) -> Path:
+    return Path(save(conv_bn_model(rng, second_bn=True), tmp_path / "m.onnx"))
+
+
+def one_error_line(stderr: str, *needles: str) -> None:
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bnfold: error: "), stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------
+# 2: a report path equal to a model
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["{m}", "-o", "{d}/f.onnx", "--json-file", "{m}"],
+        ["{m}", "-o", "{d}/f.onnx", "--json={m}"],
+        ["{m}", "-o", "{d}/f.onnx", "--json-file", "{d}/f.onnx"],
+        ["check", "{m}", "--junit-xml", "{m}"],
+        ["check", "{m}", "--json-file", "{m}"],
+        ["check", "{d}/f.onnx", "--against", "{m}", "--junit-xml", "{m}"],
+    ],
+    ids=[
+        "json-file-is-input",
+        "json-equals-input",
+        "json-file-is-output",
+        "junit-is-model",
+        "check-json-is-model",
+        "junit-is-against",
+    ],
+)
+def test_report_path_naming_a_model_is_refused(model: Path, args: list[str]) -> None:
+    """Before: the model was replaced by the report."""
+    (model.parent / "f.onnx").write_bytes(model.read_bytes())
+    before = files(model.parent)
+    argv = [a.format(m=model, d=model.parent) for a in args]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    one_error_line(result.stderr, "a model of this run", "write the report elsewhere")
+    assert files(model.parent) == before
+
+
+# --------------------------------------------------------------------------------------------
+# 3 and 15: outputs bnfold must not or cannot replace
+
+
+def test_special_files_as_output_are_refused(model: Path, tmp_path: Path) -> None:
+    """Before: a device node, a FIFO or a link to /proc/self/fd/1 was replaced by a regular file."""
+    fifo = tmp_path / "pipe.onnx"
+    os.mkfifo(fifo)
+    link = tmp_path / "stdout.onnx"
+    link.symlink_to("/proc/self/fd/1")
+    for target in ("/dev/null", str(fifo), str(link)):
+        result = runner.invoke(app, [str(model), "-o", target])
+        assert result.exit_code == 2, (target, result.output)
+        one_error_line(result.stderr, target)
+    assert fifo.is_fifo() and link.is_symlink() and os.path.exists("/dev/null")
+    json_to_fifo = runner.invoke(app, [str(model), "-o", str(tmp_path / "f.onnx"), "--json-file", str(fifo)])
+    assert json_to_fifo.exit_code == 2 and not (tmp_path / "f.onnx").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+@pytest.mark.parametrize("verify", ["--verify", "--no-verify"], ids=["verify", "no-verify"])
+def test_unwritable_output_folder_is_exit_2_before_any_work(model: Path, tmp_path: Path, verify: str) -> None:
+    """Before: with verification on, exit 3 after the fold."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        result = runner.invoke(app, [str(model), "-o", str(ro / "f.onnx"), verify])
+        assert result.exit_code == 2, result.output
+        one_error_line(result.stderr, "permission denied")
+    finally:
+        ro.chmod(0o755)
+
+
+# --------------------------------------------------------------------------------------------
+# 9: check's exit codes; one bad model does not stop the reports
+
+
+def test_check_bug_is_exit_3_and_other_models_still_reported(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a bnfold bug in check was exit 2, like bad input."""
+    import bnfold.api
+
+    real = bnfold.api.analyze_onnx
+
+    def flaky(m, **kw):  # type: ignore[no-untyped-def]
+        if "bad" in str(kw.get("base_dir", "")):
+            raise RuntimeError("boom")
+        return real(m, **kw)
+
+    monkeypatch.setattr(bnfold.api, "analyze_onnx", flaky)
+    (tmp_path / "bad").mkdir()
+    save(conv_bn_model(np.random.default_rng(1)), tmp_path / "bad" / "b.onnx")
+    junit = tmp_path / "j.xml"
+    result = runner.invoke(
+        app, ["check", str(model), str(tmp_path / "bad"), "--json", "--junit-xml", str(junit)]
+    )
+    assert result.exit_code == 3, result.output
+    doc = json.loads(result.stdout)
+    assert doc["exit_code"] == 3
+    assert [(os.path.basename(m["path"]), m["status"], m["error_type"]) for m in doc["models"]] == [
+        ("m.onnx", "findings", None),
+        ("b.onnx", "error", "internal-error"),
+    ]
+    assert len(ET.parse(junit).getroot().findall("./testsuite/testcase")) == 2
+    assert "internal error: RuntimeError: boom" in result.stderr
+
+
+def test_check_missing_model_does_not_stop_the_reports(model: Path, tmp_path: Path) -> None:
+    """Before: a missing path stopped the run before any report was written."""
+    junit = tmp_path / "j.xml"
+    report = tmp_path / "r.json"
+    result = runner.invoke(
+        app,
+        [
+            "check",
+            str(model),
+            str(tmp_path / "gone.onnx"),
+            "--json-file",
+            str(report),
+            "--junit-xml",
+            str(junit),
+        ],
+    )
+    assert result.exit_code == 2
+    doc = json.loads(report.read_text())
+    assert [m["status"] for m in doc["models"]] == ["findings", "error"]
+    assert doc["models"][1]["error"].endswith("gone.onnx: no such file or directory")
+    cases = ET.parse(junit).getroot().findall("./testsuite/testcase")
+    assert [c.find("error") is not None for c in cases] == [False, True]
+    one_error_line(result.stderr, "gone.onnx", "no such file")
+    assert "m.onnx" in result.stdout  # the summary of the readable model is still printed
+
+
+# --------------------------------------------------------------------------------------------
+# 11: stdout is only JSON
+
+
+PROBE = """
+import os, sys
+import bnfold.api
+from bnfold.cli import main
+real = bnfold.api.fold_path
+def noisy(*a, **k):
+    print("EP Error: python-level banner")
+    os.write(1, b"C-level banner on fd 1\\n")
+    return real(*a, **k)
+bnfold.api.fold_path = noisy
+main(sys.argv[1:])
+"""
+
+
+def test_json_stdout_carries_only_json_even_when_libraries_print(model: Path) -> None:
+    """Before: onnxruntime's own prints on stdout made --json stdout unparsable."""
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, str(model), "-o", str(model.with_name("f.onnx")), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["written"] is True
+    assert "EP Error" in proc.stderr and "C-level banner" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C
+
+
+def test_ctrl_c_says_nothing_was_written(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: exit 130 with only 'bnfold: interrupted'."""
+    import bnfold.api
+
+    def interrupted(*a: object, **k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bnfold.api, "fold_path", interrupted)
+    before = files(model.parent)
+    result = runner.invoke(app, [str(model), "-o", str(model.parent / "deploy") + "/"])
+    assert result.exit_code == 130
+    assert result.stderr == "bnfold: interrupted; nothing was written\n"
+    assert files(model.parent) == before and not (model.parent / "deploy").exists()
+
+
+def test_sigint_during_verification_exits_130_in_one_line(model: Path) -> None:
+    proc = subprocess.Popen(
+        [*bnfold_exe(), str(model), "-o", str(model.with_name("f.onnx")), "--samples", "2000000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == "bnfold: interrupted; nothing was written" and "Traceback" not in err
+    assert not model.with_name("f.onnx").exists()
+    assert sorted(p.name for p in model.parent.iterdir()) == ["m.onnx"]
