@@ -7,16 +7,20 @@
 ``validate``  names that must decode as UTF-8
 ``load``      ``load_model``, eager or lazy (stubs into the file, no payload read)
 ``sink``      buffered sequential writes and in-kernel copies
-``atomic``    the one atomic-write primitive (text, model, model + data), staging, cleanup
+``atomic``    the one atomic-write primitive (text, model, model + data), SIGTERM, stale cleanup
+``datanames`` which data files a model uses, a save writes and retires; never overwriting inputs
+``staging``   a candidate written beside its destination, then published as a pair
 ``save``      ``save_model``: the wire format written directly, payloads streamed
 """
 
 from __future__ import annotations
 
-from .atomic import remove_stale, write_text_atomic
+from .atomic import remove_stale, terminate_as_exit, write_text_atomic
+from .datanames import ensure_not_overwriting, model_files
 from .external import Source, Stub, data_files, is_lazy, source_dir_of, stub_of
 from .load import LAZY_THRESHOLD, load_model
 from .save import EXTERNAL_THRESHOLD, save_model
+from .staging import Staging
 from .tensors import materialize, read_array
 from .wire import copy_except
 
@@ -24,16 +28,20 @@ __all__ = [
     "EXTERNAL_THRESHOLD",
     "LAZY_THRESHOLD",
     "Source",
+    "Staging",
     "Stub",
     "copy_except",
     "data_files",
+    "ensure_not_overwriting",
     "is_lazy",
     "load_model",
     "materialize",
+    "model_files",
     "read_array",
     "remove_stale",
     "save_model",
     "source_dir_of",
     "stub_of",
+    "terminate_as_exit",
     "write_text_atomic",
 ]

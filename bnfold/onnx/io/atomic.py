@@ -27,12 +27,22 @@ from bnfold.errors import BnfoldError, InputError
 PREFIX = ".bnfold-"
 _OWNED = re.compile(r"^\.bnfold-(\d+)-[0-9a-f]+")
 KILL_HOOK = "BNFOLD_TEST_KILL_AT"
-"""Test hook: the name of a point in :func:`commit` at which the process SIGKILLs itself."""
+"""Test hook: ``<point>`` or ``<point>#<n>`` (the n-th time it is reached; points are
+``written``, ``data-renamed``, ``model-renamed``) at which the process sends itself the signal
+named by ``BNFOLD_TEST_KILL_SIGNAL`` (``KILL`` by default)."""
+
+_reached: dict[str, int] = {}
 
 
-def _hook(point: str) -> None:
-    if os.environ.get(KILL_HOOK) == point:
-        os.kill(os.getpid(), signal.SIGKILL)
+def kill_point(point: str) -> None:
+    """The test hook of :data:`KILL_HOOK`; nothing unless the environment asks for it."""
+    wanted = os.environ.get(KILL_HOOK)
+    if not wanted or not wanted.startswith(point):
+        return
+    _reached[point] = _reached.get(point, 0) + 1
+    if wanted in (point, f"{point}#{_reached[point]}"):
+        name = os.environ.get("BNFOLD_TEST_KILL_SIGNAL", "KILL")
+        os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
 
 
 def owned_name(name: str = "", suffix: str = "") -> str:
@@ -92,6 +102,9 @@ def terminate_as_exit() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: object) -> None:
+        if _Term.renaming:
+            _Term.pending = signum
+            return
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
@@ -159,17 +172,50 @@ def commit(moves: Sequence[tuple[str, str]], model: tuple[str, str], obsolete: S
     """Move finished files into place: ``moves`` (data files) first, then ``model``, then
     delete ``obsolete`` (the replaced model's data files). Each pair is ``(temporary, final)``;
     the temporaries are complete and ``fsync``-ed."""
+    with _renames():
+        _commit(moves, model, obsolete)
+
+
+class _Term:
+    """SIGTERM bookkeeping of :func:`terminate_as_exit`: held back inside :func:`_renames`."""
+
+    renaming = 0
+    pending = 0
+
+
+@contextlib.contextmanager
+def _renames() -> Iterator[None]:
+    """Hold SIGTERM back until the renames are done: they finish as a whole, then it acts."""
+    _Term.renaming += 1
+    try:
+        yield
+    finally:
+        _Term.renaming -= 1
+        if not _Term.renaming and _Term.pending:
+            signum, _Term.pending = _Term.pending, 0
+            raise SystemExit(128 + signum)
+
+
+def _commit(moves: Sequence[tuple[str, str]], model: tuple[str, str], obsolete: Sequence[str]) -> None:
     directories = {os.path.dirname(final) for _, final in (*moves, model)}
-    for tmp, final in moves:
-        os.replace(tmp, final)
-    if moves:
-        for directory in directories:
-            fsync_dir(directory)
-    _hook("data-renamed")
-    os.replace(*model)
+    moved: list[str] = []
+    try:
+        for tmp, final in moves:
+            os.replace(tmp, final)
+            moved.append(final)
+        if moves:
+            for directory in directories:
+                fsync_dir(directory)
+        kill_point("data-renamed")
+        os.replace(*model)
+    except BaseException:
+        for final in moved:  # fresh names no model refers to yet
+            with contextlib.suppress(OSError):
+                os.unlink(final)
+        raise
     for directory in directories:
         fsync_dir(directory)
-    _hook("model-renamed")
+    kill_point("model-renamed")
     for path in obsolete:
         with contextlib.suppress(OSError):
             os.unlink(path)

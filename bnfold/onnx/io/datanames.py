@@ -11,6 +11,10 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+from collections.abc import Sequence
+from typing import Any
+
+import onnx
 
 from bnfold.errors import BnfoldError, InputError
 
@@ -18,8 +22,6 @@ from .external import is_inside, resolve_location
 from .wire import (
     F_ENTRY_KEY,
     F_ENTRY_VALUE,
-    F_GRAPH_INITIALIZER,
-    F_MODEL_GRAPH,
     F_TENSOR_EXTERNAL_DATA,
     WT_LEN,
     WireError,
@@ -44,35 +46,93 @@ def old_data_files(out_path: str) -> set[str]:
     ):
         return set()
     out: set[str] = set()
-    for location in _scan_locations(out_path):
+    for location in scan_locations(out_path):
         with contextlib.suppress(BnfoldError):
             out.add(os.path.realpath(resolve_location(out_dir, location, "", out_path)))
     return out
 
 
-def _scan_locations(path: str) -> set[str]:
-    """The ``location`` values of the main graph's initializers, read at the wire level (no parse)."""
+def _tensor_paths(descriptor: Any) -> dict[int, Any]:
+    """Fields of ``descriptor`` whose messages can hold a TensorProto: number -> descriptor."""
+    return _TENSOR_PATHS.setdefault(descriptor.full_name, _find_tensor_paths(descriptor, set()))
+
+
+_TENSOR_PATHS: dict[str, dict[int, Any]] = {}
+
+
+def _find_tensor_paths(descriptor: Any, seen: set[str]) -> dict[int, Any]:
+    seen = seen | {descriptor.full_name}
+    out: dict[int, Any] = {}
+    for fd in descriptor.fields:
+        sub = fd.message_type
+        if sub is None:
+            continue
+        if (
+            sub.full_name == onnx.TensorProto.DESCRIPTOR.full_name
+            or sub.full_name in seen
+            or _find_tensor_paths(sub, seen)
+        ):
+            out[fd.number] = sub
+    return out
+
+
+def scan_locations(path: str) -> set[str]:
+    """The external data ``location`` of every tensor in the model file at ``path``, anywhere
+    (graph, subgraphs, attributes, functions), read at the wire level: no parse, no payload."""
     found: set[str] = set()
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            for number, wire_type, _, start, end in iter_fields(mm, 0, len(mm)):
-                if number == F_MODEL_GRAPH and wire_type == WT_LEN:
-                    _scan_graph(mm, start, end, found)
-    except (OSError, ValueError, WireError):
+            _scan(mm, 0, len(mm), onnx.ModelProto.DESCRIPTOR, found, 0)
+    except (OSError, ValueError, WireError, RecursionError):
         return set()
     return found
 
 
-def _scan_graph(mm: mmap.mmap, start: int, end: int, found: set[str]) -> None:
-    for number, wire_type, _, t_start, t_end in iter_fields(mm, start, end):
-        if number != F_GRAPH_INITIALIZER or wire_type != WT_LEN:
-            continue
-        for field, _, _, e_start, e_end in iter_fields(mm, t_start, t_end):
-            if field != F_TENSOR_EXTERNAL_DATA:
-                continue
-            entry = {key: mm[v_start:v_end] for key, _, _, v_start, v_end in iter_fields(mm, e_start, e_end)}
-            if entry.get(F_ENTRY_KEY) == b"location" and F_ENTRY_VALUE in entry:
-                found.add(entry[F_ENTRY_VALUE].decode("utf-8", "replace"))
+def _scan(mm: mmap.mmap, start: int, end: int, descriptor: Any, found: set[str], depth: int) -> None:
+    if descriptor.full_name == onnx.TensorProto.DESCRIPTOR.full_name:
+        for number, _, _, e_start, e_end in iter_fields(mm, start, end):
+            if number == F_TENSOR_EXTERNAL_DATA:
+                entry = {key: mm[v0:v1] for key, _, _, v0, v1 in iter_fields(mm, e_start, e_end)}
+                if entry.get(F_ENTRY_KEY) == b"location" and F_ENTRY_VALUE in entry:
+                    found.add(entry[F_ENTRY_VALUE].decode("utf-8", "replace"))
+        return
+    paths = _tensor_paths(descriptor)
+    if depth > 100:  # protobuf itself refuses deeper nesting
+        raise WireError(start, truncated=False)
+    for number, wire_type, _, v_start, v_end in iter_fields(mm, start, end):
+        sub = paths.get(number)
+        if sub is not None and wire_type == WT_LEN:
+            _scan(mm, v_start, v_end, sub, found, depth + 1)
+
+
+def model_files(path: str) -> set[str]:
+    """Real paths of a model file and of every data file it names that stays inside its folder."""
+    path = os.path.abspath(path)
+    out = {os.path.realpath(path)}
+    for location in scan_locations(path):
+        with contextlib.suppress(BnfoldError):
+            out.add(os.path.realpath(resolve_location(os.path.dirname(path), location, "", path)))
+    return out
+
+
+def ensure_not_overwriting(
+    inputs: Sequence[str | os.PathLike[str]], outputs: Sequence[str | os.PathLike[str]]
+) -> None:
+    """Refuse, with InputError, an output that is an input model or a data file an input reads.
+
+    For an in-place fold, leave the input itself out of ``outputs``: the save publishes it
+    safely (see :mod:`bnfold.onnx.io.atomic`).
+    """
+    protected: dict[str, str] = {}
+    for model in inputs:
+        for real in model_files(os.fspath(model)):
+            protected.setdefault(real, os.fspath(model))
+    for out in outputs:
+        real = os.path.realpath(os.fspath(out))
+        if real in protected:
+            source = protected[real]
+            what = "the input model" if real == os.path.realpath(source) else f"a data file of {source}"
+            raise InputError(f"{os.fspath(out)}: is {what}; refusing to overwrite it (write elsewhere)")
 
 
 def choose_data_name(out_path: str, display: str, location: str | None, taken: set[str]) -> str:

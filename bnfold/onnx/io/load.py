@@ -256,9 +256,11 @@ def _check_tensors(
                     check_length(tensor, len(tensor.raw_data), path)
                 continue
             _, _, length, ref = span(tensor)
-            check_length(tensor, length, path, "its external data" if ref.source is None else "its raw data")
+            check_length(tensor, length, path, "its external data" if ref.source is None else "its data")
     for tensor in model_tensors(model, main_initializers=not lazy):
         check_header(tensor, path)
+        if tensor.HasField("raw_data"):  # a transient copy of the bytes: one tensor at a time
+            check_length(tensor, len(tensor.raw_data), path)
         if not is_external(tensor):
             continue
         if tensor.HasField("raw_data"):  # onnx's half-converted state: the data is still here

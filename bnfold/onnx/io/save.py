@@ -24,7 +24,7 @@ import onnx
 
 from bnfold.errors import BnfoldError, InputError
 
-from .atomic import check_output, commit, create_temp, remove_stale, terminate_as_exit
+from .atomic import check_output, commit, create_temp, kill_point, remove_stale, terminate_as_exit
 from .datanames import choose_data_name, obsolete_data_files, old_data_files
 from .external import (
     EXTERNAL,
@@ -393,6 +393,7 @@ class _Writer:
                 moves.append((data_tmp, data_path))
             try:
                 self._write(model_fd, data_fd, header, items, trailer)
+                kill_point("written")
                 for fd in fds:
                     os.fsync(fd)
             except OSError as err:

@@ -96,19 +96,43 @@ def check_length(tensor: onnx.TensorProto, length: int, where: str, what: str = 
         )
 
 
+def _typed_values(tensor: onnx.TensorProto, count: int) -> tuple[str, int]:
+    """The typed field that holds ``tensor``'s values and how many it must hold (-1: unknown)."""
+    field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+    if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+        return field, 2 * count
+    bits = _BITS.get(tensor.data_type)
+    if bits is None:
+        return field, count
+    if 8 % bits:
+        return field, -1  # 6-bit types: onnx's packing into int32_data is not fixed
+    return field, -(-count * bits // 8)  # packed, one byte of values per int32
+
+
 def check_header(tensor: onnx.TensorProto, where: str) -> None:
-    """The checks that need no payload: a known type, sane dims, not raw and typed at once."""
+    """The checks that read no payload: a known type, sane dims, not raw and typed at once, and
+    as many typed values as the dims need."""
     tensor_dtype(tensor, where)
-    element_count(tensor, where)
+    count = element_count(tensor, where)
     if tensor.HasField("segment"):
         raise InputError(
             f"{where}: tensor '{tensor.name}' is a segment of a tensor, which bnfold does not read"
         )
-    if (tensor.HasField("raw_data") or is_external(tensor)) and any(
-        len(getattr(tensor, f)) for f in _TYPED_FIELDS
-    ):
+    typed = [f for f in _TYPED_FIELDS if len(getattr(tensor, f))]
+    if tensor.HasField("raw_data") or is_external(tensor):
+        if typed:
+            raise InputError(
+                f"{where}: tensor '{tensor.name}' has both raw and typed data (which one holds the values?)"
+            )
+        return
+    field, needed = _typed_values(tensor, count)
+    stray = [f for f in typed if f != field]
+    held = len(getattr(tensor, field))
+    if stray or (needed >= 0 and held != needed):
+        also = f" (and values in {', '.join(stray)})" if stray else ""
         raise InputError(
-            f"{where}: tensor '{tensor.name}' has both raw and typed data (which one holds the values?)"
+            f"{where}: tensor '{tensor.name}' of shape {tuple(tensor.dims)} needs {needed} values "
+            f"in {field} but holds {held}{also}"
         )
 
 
@@ -140,9 +164,9 @@ def read_array(tensor: onnx.TensorProto, base_dir: str | None = None) -> np.ndar
 
 
 def _read_external(tensor: onnx.TensorProto, base_dir: str | None, where: str) -> np.ndarray:
-    path, offset, length, _ = payload_span(tensor, base_dir, where)
     if tensor.data_type == onnx.TensorProto.STRING:
-        raise InputError(f"{path}: {where} is a string tensor, which cannot be stored externally")
+        raise InputError(f"{where}: a string tensor, which cannot be stored externally")
+    path, offset, length, _ = payload_span(tensor, base_dir, where)
     dtype = tensor_dtype(tensor, where)
     shape = tuple(int(d) for d in tensor.dims)
     count = element_count(tensor, where)

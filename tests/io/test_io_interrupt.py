@@ -1,0 +1,181 @@
+"""Interrupted saves: every instant leaves a consistent model + data pair; leftovers are cleaned.
+
+A child process saves a changed model over an existing one and is killed (SIGKILL) or
+terminated (SIGTERM, what CI sends on cancel) at a test hook: after writing, between the data
+and the model renames, after the model rename. The model at the destination must then load
+completely and hold exactly the old or exactly the new content -- never the old model paired
+with new data, which is what writing the data over ``<out>.data`` first gave.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+from io_models import canonical, conv_bn_mlp, full
+from onnx import numpy_helper
+
+import bnfold.onnx.io as bio
+from bnfold.onnx.io.atomic import KILL_HOOK
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from onnx import numpy_helper
+    import bnfold.onnx.io as bio
+    from bnfold.onnx.io import load as load_mod
+    load_mod.LAZY_THRESHOLD = 1024
+    src, dst, how, external = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+    model = bio.load_model(src, lazy=True)
+    {change}
+    if how == "save":
+        bio.save_model(model, dst, external_data=external)
+    else:
+        with bio.Staging(dst, reads=[src]) as stage:
+            bio.save_model(model, stage.path, location=stage.location, external_data=external)
+            stage.publish()
+    """
+)
+
+CHANGE = """
+inits = model.graph.initializer
+w = next(t for t in inits if t.name == "conv_w")
+w.CopyFrom(numpy_helper.from_array(bio.read_array(w, bio.source_dir_of(model)) * np.float32(2), "conv_w"))
+keep = [t for t in inits if t.name != "half"]
+copies = []
+for t in keep:
+    c = type(t)()
+    c.CopyFrom(t)
+    copies.append(c)
+del inits[:]
+inits.extend(copies)
+"""
+
+
+def change(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same change as the child's, on an in-memory copy: the expected new content."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    scope: dict[str, object] = {"model": out, "np": np, "numpy_helper": numpy_helper, "bio": bio}
+    exec(CHANGE, scope)  # noqa: S102 - the test's own code, shared with the child
+    return out
+
+
+def run_child(src: str, dst: str, how: str, external: bool, point: str | None, sig: str) -> int:
+    """Run the child; its exit status (negative: killed by that signal)."""
+    env = dict(os.environ)
+    env.pop(KILL_HOOK, None)
+    if point:
+        env[KILL_HOOK] = point
+        env["BNFOLD_TEST_KILL_SIGNAL"] = sig
+    script = CHILD.format(change=textwrap.indent(CHANGE, ""))
+    done = subprocess.run(
+        [sys.executable, "-c", script, src, dst, how, "1" if external else "0"],
+        check=False,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode != 1, done.stderr.decode(errors="replace")[-2000:]
+    return done.returncode
+
+
+def leftovers(directory: str) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if n.startswith(".bnfold-"))
+
+
+def setup_pair(tmp_path, rng, *, in_place: bool, external: bool) -> tuple[str, str, bytes, bytes]:
+    """An existing model at ``dst`` (content ``old``) and the source the child folds (``new``)."""
+    old_model = conv_bn_mlp(np.random.default_rng(7))
+    dst = str(tmp_path / "out.onnx")
+    bio.save_model(old_model, dst, external_data=external)
+    if in_place:
+        src = dst
+        new_model = change(old_model)
+    else:
+        (tmp_path / "src").mkdir()
+        src = str(tmp_path / "src" / "m.onnx")
+        src_model = conv_bn_mlp(rng)
+        bio.save_model(src_model, src, external_data=external)
+        new_model = change(src_model)
+    return src, dst, full(dst), canonical(new_model)
+
+
+POINTS = ["written", "data-renamed", "model-renamed"]
+
+
+@pytest.mark.parametrize("sig", ["KILL", "TERM"])
+@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("how", ["save", "staging"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["new-output", "in-place"])
+@pytest.mark.parametrize("external", [False, True], ids=["embedded", "external-data"])
+def test_interrupted_save_leaves_a_consistent_pair(tmp_path, rng, external, in_place, how, point, sig):
+    src, dst, old, new = setup_pair(tmp_path, rng, in_place=in_place, external=external)
+    if how == "staging" and point != "written":
+        point += "#2"  # the publish, after the save into the staging folder
+    code = run_child(src, dst, how, external, point, sig)
+    assert code == (-signal.SIGKILL if sig == "KILL" else 128 + signal.SIGTERM)
+    onnx.checker.check_model(dst)
+    got = full(dst)
+    assert got in (old, new)
+    # the renames are one step: a model renamed in is the new pair, data renamed in alone is not
+    assert got == (
+        new if point.startswith("model-renamed") or (sig == "TERM" and point != "written") else old
+    )
+    if sig == "TERM":
+        assert leftovers(str(tmp_path)) == []  # cleaned up like Ctrl-C
+
+
+@pytest.mark.parametrize("how", ["save", "staging"])
+@pytest.mark.parametrize("external", [False, True], ids=["embedded", "external-data"])
+def test_uninterrupted_save_replaces_the_pair_and_its_old_data(tmp_path, rng, external, how):
+    src, dst, _, new = setup_pair(tmp_path, rng, in_place=False, external=external)
+    assert run_child(src, dst, how, external, None, "KILL") == 0
+    assert full(dst) == new
+    names = sorted(n for n in os.listdir(tmp_path) if n != "src")
+    assert names == (["out.onnx", "out.onnx.1.data"] if external else ["out.onnx"])
+
+
+def test_stale_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path, rng):
+    """SIGKILL cannot be caught: its temporary files stay until a later run in that folder."""
+    src, dst, _, _ = setup_pair(tmp_path, rng, in_place=False, external=True)
+    assert run_child(src, dst, "save", True, "written", "KILL") == -signal.SIGKILL
+    first = leftovers(str(tmp_path))
+    assert len(first) == 2 and all(n.endswith(".tmp") for n in first)  # model and data temporaries
+    assert run_child(src, dst, "staging", True, "written", "KILL") == -signal.SIGKILL
+    second = leftovers(str(tmp_path))  # the second run removed the first one's
+    assert len(second) == 1 and os.path.isdir(tmp_path / second[0]) and not set(first) & set(second)
+    assert os.listdir(tmp_path / second[0])  # the staging folder holds the killed run's files
+    mine = tmp_path / f".bnfold-{os.getpid()}-00000000.keep.tmp"
+    mine.write_bytes(b"a live process's temporary file")
+    bio.save_model(conv_bn_mlp(rng), tmp_path / "other.onnx")
+    assert leftovers(str(tmp_path)) == [mine.name]
+
+
+def test_sigterm_handler_is_restored_and_a_callers_own_is_respected(tmp_path, rng):
+    calls = []
+
+    def own(signum, frame):
+        calls.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        bio.save_model(conv_bn_mlp(rng), tmp_path / "a.onnx")
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    with bio.terminate_as_exit():
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, own)
+        with pytest.raises(SystemExit) as info:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # delivered at the next bytecode boundary
+                pass
+        assert info.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
