@@ -11,10 +11,21 @@ negative, beta != 0, mean != 0, var random). No converter is needed to build the
 converter writes the shape and what a correct folder does with it: folding is exact or the
 structure is left with a reason; the traps (``trap-*``) must not be folded.
 
-The torch forms were checked against ``torch.onnx.export(..., dynamo=True)`` of torch 2.13 (with
-``optimize=False`` and with the default ``optimize=True``); the others follow the converters'
-published conversion rules for BN (tf2onnx, keras 3's ``model.export(format="onnx")`` through
-tf2onnx, paddle2onnx, insightface's and MXNet's exports).
+How close each is to a real conversion (random weights, same architecture, compared node by node:
+op types, node and tensor names, attributes, initializer shapes, opset, IR version, producer):
+
+- identical: ``torch-dynamo-*`` (torch 2.13 ``dynamo=True, optimize=False``), ``levit-linear-bn`` and
+  ``mixnet-concat-bn`` (the default ``optimize=True``), ``keras3-mobilenet`` (keras 3.15
+  ``model.export``), ``keras3-tf2onnx-raw``, ``tf2onnx-raw-*`` and ``resnetv2-preact`` (tensorflow
+  2.21, tf_keras 2.21, tf2onnx 1.17.0), ``paddle2onnx-identity-bn`` (paddle 3.3, paddle2onnx 2.1);
+- same form, module names of our choosing: ``arcface-head``, ``tabular-bn-first`` (TorchScript
+  exporter, torch 2.13);
+- written from the exporter's conversion rules, not checked: ``mxnet-bn-data`` (MXNet does not
+  install here); written by hand: ``conv-bias-add`` and the ``trap-*`` models.
+
+Only the values differ from a real export: seeded random weights, and keras' ``batchnorm/mul`` and
+``sub`` computed from random BN statistics as keras computes them (eps 1e-3); weights a converter
+already merged a BN into (``merged_input``, ``weights_fused_bn``) are plain random weights.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from models.converters.other_exports import (
 )
 from models.converters.tf_exports import (
     keras3_mobilenet,
+    keras3_tf2onnx_raw,
     resnetv2_preact,
     tf2onnx_raw_conv3d,
     tf2onnx_raw_nhwc,
@@ -54,6 +66,7 @@ BUILDERS: dict[str, Callable[[int], onnx.ModelProto]] = {
     "levit-linear-bn": levit_linear_bn,
     "mixnet-concat-bn": mixnet_concat_bn,
     "keras3-mobilenet": keras3_mobilenet,
+    "keras3-tf2onnx-raw": keras3_tf2onnx_raw,
     "tf2onnx-raw-nhwc": tf2onnx_raw_nhwc,
     "tf2onnx-raw-conv3d": tf2onnx_raw_conv3d,
     "resnetv2-preact": resnetv2_preact,

@@ -66,10 +66,11 @@ class GraphBuilder:
     def model(
         self,
         graph_name: str,
-        inputs: dict[str, Shape],
+        inputs: dict[str, tuple[int | str, ...]],
         outputs: Sequence[str],
         *,
         opset: int,
+        domains: Sequence[tuple[str, int]] = (),
         ir_version: int,
         producer: tuple[str, str],
         shapes: dict[str, Shape] | None = None,
@@ -85,7 +86,7 @@ class GraphBuilder:
         )
         model = helper.make_model(
             graph,
-            opset_imports=[helper.make_opsetid("", opset)],
+            opset_imports=[helper.make_opsetid(d, v) for d, v in (("", opset), *domains)],
             producer_name=producer[0],
             producer_version=producer[1],
         )
@@ -101,27 +102,31 @@ class GraphBuilder:
         return model
 
 
-def conv_attrs(k: int, *, pad: int, stride: int = 1, group: int = 1, rank: int = 2) -> dict[str, object]:
-    """Conv attributes in torch's dynamo exporter's form: all six, ``auto_pad="NOTSET"``."""
-    return {
+DYNAMO_CONV = ("group", "pads", "auto_pad", "strides", "dilations", "kernel_shape")
+TORCHSCRIPT_CONV = ("dilations", "group", "kernel_shape", "pads", "strides")
+TF2ONNX_CONV = ("dilations", "strides", "kernel_shape", "pads", "group")
+TF2ONNX_CONV_UNPADDED = ("dilations", "strides", "kernel_shape", "group")
+PADDLE_CONV = ("dilations", "kernel_shape", "strides", "group", "pads")
+"""Which Conv attributes each exporter writes, in its order (torch 2.13, tf2onnx 1.17, paddle2onnx 2.1)."""
+
+
+def conv_attrs(
+    keys: Sequence[str],
+    k: int,
+    *,
+    pad: int = 0,
+    pads: Sequence[int] | None = None,
+    stride: int = 1,
+    group: int = 1,
+    rank: int = 2,
+) -> dict[str, object]:
+    """The Conv attributes ``keys`` (e.g. ``TF2ONNX_CONV``) for a k x k (x k) kernel."""
+    values: dict[str, object] = {
         "group": group,
-        "pads": [pad] * (2 * rank),
+        "pads": list(pads) if pads is not None else [pad] * (2 * rank),
         "auto_pad": "NOTSET",
         "strides": [stride] * rank,
         "dilations": [1] * rank,
         "kernel_shape": [k] * rank,
     }
-
-
-def tf_conv_attrs(k: int, *, pad: int, stride: int = 1, group: int = 1, rank: int = 2) -> dict[str, object]:
-    """Conv attributes as tf2onnx (also MXNet, the TorchScript exporter) write them: explicit pads,
-    no ``auto_pad``, ``group`` only when > 1."""
-    attrs: dict[str, object] = {
-        "dilations": [1] * rank,
-        "kernel_shape": [k] * rank,
-        "pads": [pad] * (2 * rank),
-        "strides": [stride] * rank,
-    }
-    if group > 1:
-        attrs["group"] = group
-    return attrs
+    return {key: values[key] for key in keys}

@@ -5,51 +5,70 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from models.converters.graph import GraphBuilder, Shape, conv_attrs, tf_conv_attrs
+from models.converters.graph import (
+    DYNAMO_CONV,
+    PADDLE_CONV,
+    TORCHSCRIPT_CONV,
+    GraphBuilder,
+    Shape,
+    conv_attrs,
+)
 
-PADDLE2ONNX = ("PaddlePaddle", "")
+PADDLE2ONNX = ("", "")
 
 
 def paddle2onnx_identity_bn(seed: int) -> onnx.ModelProto:
-    """paddle2onnx (opset 11): a layer's bias is a separate ``Add``, and an ``Identity`` (what
-    paddle2onnx writes for a no-op such as ``scale(1, 0)`` or ``assign``) sits before BN:
-    ``Conv -> Add (1,C,1,1) -> Identity -> BatchNormalization``, the same after a
-    ``ConvTranspose``, and ``MatMul -> Add (C,) -> Identity -> BatchNormalization`` on (N, C).
+    """``Conv2D -> BatchNorm2D``, ``Conv2DTranspose -> BatchNorm2D``, ``mean -> Dropout -> Linear ->
+    BatchNorm1D`` through ``paddle.onnx.export`` (paddle 3.3 in PIR mode, paddle2onnx 2.1, opset
+    11; its Polygraphy constant folding on): a layer's bias is a separate ``Add`` of a (1,C,1,1)
+    constant (``reshape`` folded) or of the Linear's (C,) bias, and paddle2onnx writes an
+    ``Identity`` after most ops (for the op's own output name, for ``auto.cast``, for Dropout):
+    ``Conv -> Add -> Identity -> BatchNormalization``, ``ConvTranspose -> Identity -> Add ->
+    Identity -> BatchNormalization``, ``MatMul -> Add (C,) -> Identity -> BatchNormalization``.
 
-    A correct folder looks through the Identity, absorbs the bias Add and folds all 3 BN exactly.
+    A correct folder looks through the Identities, absorbs the bias Adds and folds all 3 BN exactly.
     """
     g = GraphBuilder(seed)
-    bn_params = ("w_0", "b_0", "w_1", "w_2")
 
-    def block(
-        x: str, layer: str, op_type: str, w_shape: Shape, bias_shape: Shape, k: int, **attrs: object
-    ) -> str:
-        c = bias_shape[1] if len(bias_shape) == 4 else bias_shape[0]
-        w = g.weight(
-            f"{layer}.w_0", w_shape, fan_in=int(np.prod(w_shape)) // c if op_type == "MatMul" else None
-        )
-        y = g.op(op_type, [x, w], f"{layer}.tmp_0", name=f"p2o.{op_type}.{k}", **attrs)
-        y = g.op("Add", [y, g.vector(f"{layer}.b_0", bias_shape)], f"{layer}.tmp_1", name=f"p2o.Add.{2 * k}")
-        y = g.op("Identity", [y], f"p2o.Identity.{k}.out", name=f"p2o.Identity.{k}")
-        return g.bn(
-            y,
-            f"batch_norm_{k}.tmp_2",
-            [f"batch_norm2d_{k}.{p}" for p in bn_params],
-            c,
-            name=f"p2o.BatchNormalization.{k}",
-            epsilon=1e-5,
-            momentum=0.9,
-        )
+    def op(op_type: str, inputs: list[str], out: str, node: str, **attrs: object) -> str:
+        return g.op(op_type, inputs, out, name=node, **attrs)
 
-    x = block("x", "conv2d_0", "Conv", (8, 3, 3, 3), (1, 8, 1, 1), 0, **tf_conv_attrs(3, pad=1), group=1)
-    x = g.op("Relu", [x], "relu_0.tmp_0", name="p2o.Relu.0")
-    attrs = {"dilations": [1, 1], "group": 1, "kernel_shape": [2, 2], "pads": [0, 0, 0, 0], "strides": [2, 2]}
-    x = block(x, "conv2d_transpose_0", "ConvTranspose", (8, 4, 2, 2), (1, 4, 1, 1), 1, **attrs)
-    x = g.op("Relu", [x], "relu_1.tmp_0", name="p2o.Relu.1")
-    x = g.op("ReduceMean", [x], "mean_0.tmp_0", name="p2o.ReduceMean.0", axes=[2, 3], keepdims=0)
-    out = block(x, "linear_0", "MatMul", (4, 6), (6,), 2)
+    def bn(x: str, prefix: str, k: int, c: int, out: str) -> str:
+        names = [f"{prefix}.{v}" for v in ("w_0", "b_0", "w_1", "w_2")]
+        return g.bn(x, out, names, c, name=f"BatchNormalization.{k}", epsilon=1e-5, momentum=0.9)
+
+    y = op("Conv", ["x", g.weight("conv2d_0.w_0", (8, 3, 3, 3))], "p2o.pd_op.conv2d.0.0", "Conv.0",
+           **conv_attrs(PADDLE_CONV, 3, pad=1))  # fmt: skip
+    y = op("Add", [y, g.vector("p2o.pd_op.reshape.0.0", (1, 8, 1, 1))], "Add.1", "Add.0")
+    y = op("Identity", [y], "p2o.pd_op.add.0.0", "Identity.1")
+    y = op(
+        "Relu", [bn(y, "batch_norm2d_0", 0, 8, "p2o.pd_op.batch_norm_.0.0")], "p2o.pd_op.relu.0.0", "Relu.0"
+    )
+    y = op("Identity", [y], "auto.cast.1", "Identity.2")
+    w = g.weight("auto.cast.2", (8, 4, 2, 2), fan_in=8)
+    y = op(
+        "ConvTranspose", [y, w], "ConvTranspose.1", "ConvTranspose.0", **conv_attrs(PADDLE_CONV, 2, stride=2)
+    )
+    y = op("Identity", [y], "p2o.pd_op.conv2d_transpose.0.0", "Identity.4")
+    y = op("Add", [y, g.vector("p2o.pd_op.reshape.1.0", (1, 4, 1, 1))], "Add.3", "Add.2")
+    y = op("Identity", [y], "p2o.pd_op.add.1.0", "Identity.6")
+    y = op(
+        "Relu", [bn(y, "batch_norm2d_1", 1, 4, "p2o.pd_op.batch_norm_.1.0")], "p2o.pd_op.relu.1.0", "Relu.1"
+    )
+    y = op("ReduceMean", [y], "ReduceMean.1", "ReduceMean.0", axes=[2, 3], keepdims=0)
+    y = op("Identity", [y], "p2o.pd_op.mean.0.0", "Identity.7")
+    y = op("Identity", [y], "p2o.pd_op.dropout.0.0", "Identity.8")
+    y = op("MatMul", [y, g.weight("linear_0.w_0", (4, 6), fan_in=4)], "p2o.pd_op.matmul.0.0", "MatMul.0")
+    y = op("Add", [y, g.vector("linear_0.b_0", (6,))], "Add.5", "Add.4")
+    y = op("Identity", [y], "p2o.pd_op.add.2.0", "Identity.9")
+    out = bn(y, "batch_norm1d_0", 2, 6, "fetch_name_0")
     return g.model(
-        "Model from PaddlePaddle.", {"x": (1, 3, 8, 8)}, [out], opset=11, ir_version=6, producer=PADDLE2ONNX
+        "PaddlePaddle Graph in PIR mode",
+        {"x": (1, 3, 8, 8)},
+        [out],
+        opset=11,
+        ir_version=6,
+        producer=PADDLE2ONNX,
     )
 
 
@@ -65,7 +84,7 @@ def mxnet_bn_data(seed: int) -> onnx.ModelProto:
     A trap and two folds: ``bn_data``'s shift must NOT be folded forward into the zero-padded
     conv0 (the padded border would get ``W·t`` it never saw; leave it with a reason; the scale
     alone is exact). ``bn0`` folds backward into conv0; ``stage1_unit1_bn3`` folds forward into
-    the unpadded 1x1 conv exactly.
+    the unpadded 1x1 conv exactly. Names follow MXNet's symbols; not checked against an export.
     """
     g = GraphBuilder(seed)
 
@@ -79,7 +98,7 @@ def mxnet_bn_data(seed: int) -> onnx.ModelProto:
         [y, g.weight("conv0_weight", (8, 3, 7, 7))],
         "conv0",
         name="conv0",
-        **tf_conv_attrs(7, pad=3, stride=2),
+        **conv_attrs(TORCHSCRIPT_CONV, 7, pad=3, stride=2),
     )
     y = g.op("Relu", [bn(y, "bn0", 8)], "relu0", name="relu0")
     y = bn(y, "stage1_unit1_bn3", 8)
@@ -88,7 +107,7 @@ def mxnet_bn_data(seed: int) -> onnx.ModelProto:
         [y, g.weight("stage1_unit1_conv3_weight", (16, 8, 1, 1))],
         "stage1_unit1_conv3",
         name="stage1_unit1_conv3",
-        **tf_conv_attrs(1, pad=0),
+        **conv_attrs(TORCHSCRIPT_CONV, 1),
     )
     return g.model(
         "mxnet_converted_model",
@@ -109,7 +128,7 @@ def _conv(g: GraphBuilder, x: str, cin: int, cout: int, *, group: int = 1, bias:
     inputs = [x, g.weight("conv.weight", (cout, cin // group, 3, 3))] + (
         [g.vector("conv.bias", (cout,))] if bias else []
     )
-    return g.op("Conv", inputs, "conv_out", name="Conv_0", **conv_attrs(3, pad=1, group=group))
+    return g.op("Conv", inputs, "conv_out", name="Conv_0", **conv_attrs(DYNAMO_CONV, 3, pad=1, group=group))
 
 
 def _generic(g: GraphBuilder, input_shape: Shape, out: str) -> onnx.ModelProto:
@@ -129,7 +148,7 @@ def conv_bias_add(seed: int) -> onnx.ModelProto:
     )
     y = g.op("Relu", [y], "relu_0", name="Relu_0")
     w = g.weight("conv_1.weight", (8, 8, 3, 3))
-    y = g.op("Conv", [y, w], "conv_1_out", name="Conv_1", **conv_attrs(3, pad=1))
+    y = g.op("Conv", [y, w], "conv_1_out", name="Conv_1", **conv_attrs(DYNAMO_CONV, 3, pad=1))
     g.op("Add", [y, g.vector("bias_1", (8, 1, 1))], "output", name="Add_1")
     return _generic(g, (1, 3, 8, 8), "output")
 

@@ -1,228 +1,343 @@
-"""BN as tf2onnx writes it: keras 3's export (optimizers on), raw NHWC graphs (optimizers off), tf.keras 2."""
+"""BN as tf2onnx writes it: keras 3's ``model.export(format="onnx")``, tf2onnx with its optimizers
+off (NHWC Transposes left in place), and tf.keras 2 models through tf2onnx.
+
+Every form here was checked against a real conversion (tensorflow-cpu 2.21, keras 3.15, tf_keras
+2.21, tf2onnx 1.17.0): the same ops in the same order, attributes, constant shapes and names.
+What tf2onnx does to BN before we see it matters: TensorFlow's grappler and tf2onnx's optimizer
+already merge a BN's scale into a regular Conv's weights (``merged_input``, ``weights_fused_bn``),
+so what reaches ONNX is the rest: the scale after a depthwise conv or a Dense layer, the shift as
+a bias Add when the optimizers are off, and BN that follows no layer.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import onnx
-from onnx import helper
 
-from models.converters.graph import GraphBuilder, Shape, tf_conv_attrs
+from models.converters.graph import (
+    TF2ONNX_CONV,
+    TF2ONNX_CONV_UNPADDED,
+    GraphBuilder,
+    conv_attrs,
+)
 
-TF2ONNX = ("tf2onnx", "1.16.1 15c810")
+TF2ONNX = ("tf2onnx", "1.17.0 None")
+ML = (("ai.onnx.ml", 2),)
 NCHW_TO_NHWC = [0, 2, 3, 1]
 NHWC_TO_NCHW = [0, 3, 1, 2]
+HWIO_TO_OIHW = [3, 2, 0, 1]
+SAME_STRIDE_2 = [0, 0, 1, 1]
+"""TensorFlow's ``padding="same"`` with stride 2 on an even size pads only at the end."""
 
 
-class _Tf:
-    """tf2onnx naming: TF op names for nodes, ``<op>:0`` for tensors, ``<op>__N`` for inserted nodes."""
+def _scalar(g: GraphBuilder, name: str, value: float) -> str:
+    return g.const(name, np.array(value, np.float32))
 
-    def __init__(self, g: GraphBuilder, scope: str) -> None:
-        self.g = g
-        self.scope = scope
-        self.n = 6
 
-    def op(self, op_type: str, inputs: Sequence[str], tf_name: str, **attrs: object) -> str:
-        name = f"{self.scope}/{tf_name}"
-        return self.g.op(op_type, inputs, f"{name}:0", name=name, **attrs)
-
-    def transpose(self, x: str, perm: list[int], tf_name: str) -> str:
-        """A Transpose tf2onnx inserts around an NCHW-only op (no optimizer to cancel it)."""
-        name = f"{self.scope}/{tf_name}__{self.n}"
-        self.n += 1
-        return self.g.op("Transpose", [x], f"{name}:0", name=name, perm=perm)
-
-    def const_fold(self, array: np.ndarray) -> str:
-        """A constant tf2onnx's optimizer computed (``const_fold_opt__N``)."""
-        name = f"const_fold_opt__{self.n}"
-        self.n += 1
-        return self.g.const(name, array.astype(np.float32))
-
-    def fused_bn(self, x: str, layer: str, c: int, *, perms: tuple[list[int], list[int]], eps: float) -> str:
-        """FusedBatchNormV3 on NHWC (NDHWC): Transpose -> BatchNormalization -> Transpose."""
-        op = f"{layer}/FusedBatchNormV3"
-        names = [f"{self.scope}/{layer}/{v}:0" for v in ("ReadVariableOp", "ReadVariableOp_1")]
-        names += [f"{self.scope}/{op}/{v}:0" for v in ("ReadVariableOp", "ReadVariableOp_1")]
-        t = self.transpose(x, perms[0], op)
-        name = f"{self.scope}/{op}"
-        y = self.g.bn(t, f"{name}__{self.n}:0", names, c, name=name, epsilon=eps)
-        self.n += 1
-        return self.transpose(y, perms[1], op)
-
-    def keras2_bn(self, x: str, layer: str, c: int, eps: float = 1.001e-5) -> str:
-        """tf.keras 2's BN after tf2onnx's optimizer: one BatchNormalization node, NCHW."""
-        names = [f"{self.scope}/{layer}/{v}:0" for v in ("gamma", "beta", "moving_mean", "moving_variance")]
-        name = f"{self.scope}/{layer}/FusedBatchNormV3"
-        return self.g.bn(x, f"{name}:0", names, c, name=name, epsilon=eps)
-
-    def keras_bn(self, x: str, layer: str, c: int, shape: Shape) -> str:
-        """Keras 3's BatchNormalization in inference: ``x * mul + sub`` (``batchnorm/mul_1``, ``add_1``)."""
-        a, b = self.g.affine(c, shape)
-        y = self.op("Mul", [x, self.const_fold(a)], f"{layer}/batchnorm/mul_1")
-        return self.op("Add", [y, self.const_fold(b)], f"{layer}/batchnorm/add_1")
+def _keras_bn(g: GraphBuilder, c: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Keras' BatchNormalization (eps 1e-3) in inference: ``x * mul + sub``."""
+    return g.affine(c, shape, eps=1e-3)
 
 
 def keras3_mobilenet(seed: int) -> onnx.ModelProto:
-    """A MobileNet-style stem, one depthwise-separable block and a Dense -> BN head, as Keras 3's
-    ``model.export(format="onnx")`` writes them (TensorFlow backend through tf2onnx, optimizers on,
-    opset 15): the NHWC input is transposed once, and every BatchNormalization layer is
-    ``Conv -> Mul (1,C,1,1) -> Add (1,C,1,1)`` (one after the depthwise Conv, ``group=C``);
-    Dense is ``MatMul + Add (C,)`` and its BN ``Mul (C,) -> Add (C,)`` on a rank-2 tensor, where
-    (C,) does broadcast along the channel (last) axis.
+    """A MobileNet stem, two depthwise-separable blocks and a Dense -> BatchNormalization head, as
+    keras 3's ``model.export(format="onnx")`` writes them (TensorFlow backend, tf2onnx with its
+    optimizers, opset 15, batch dimension ``unk__66``).
 
-    A correct folder folds all 4 Mul/Add pairs into the preceding Conv/MatMul (bias created or
-    updated) exactly and reports each; ``check`` must not call this model clean.
+    The regular convs arrive with their BN merged (``Conv__36``: ``merged_input`` weights, bias
+    ``batchnorm/sub``). What is left is BN as ``Mul (1,C,1,1) -> Add (1,C,1,1)`` after each
+    depthwise Conv (``group=C``; the real MobileNetV2 export has 17 of these) and ``MatMul -> Mul
+    (10,) -> Add (10,)`` after the Dense (its bias folded into the Add). A correct folder folds
+    all 3 Mul/Add pairs into the layer before them exactly; ``check`` must not call it clean.
     """
     g = GraphBuilder(seed)
-    t = _Tf(g, "functional_1")
-    x = t.transpose("keras_tensor", NHWC_TO_NCHW, "conv1/convolution")
-    clip = (
-        g.const("const_fold_opt__0", np.array(0.0, np.float32)),
-        g.const("const_fold_opt__1", np.array(6.0, np.float32)),
+    p = "functional_1"
+    relu6 = (
+        _scalar(g, f"{p}/conv1_relu_1/Relu6_min__10", 0.0),
+        _scalar(g, f"{p}/conv_dw_1_relu_1/Relu6_max__20", 6.0),
     )
-    for layer, cin, cout, k, group in (
-        ("conv1", 3, 8, 3, 1),
-        ("conv_dw_1", 8, 8, 3, 8),
-        ("conv_pw_1", 8, 16, 1, 1),
-    ):
-        w = g.weight(f"{t.scope}/{layer}/convolution/ReadVariableOp:0", (cout, cin // group, k, k))
-        attrs = tf_conv_attrs(k, pad=k // 2, stride=2 if layer == "conv1" else 1, group=group)
-        x = t.op("Conv", [x, w], f"{layer}/convolution", **attrs)
-        x = t.keras_bn(
-            x, layer.replace("conv", "bn") if layer != "conv1" else "conv1_bn", cout, (1, cout, 1, 1)
+
+    def merged_conv(
+        x: str, layer: str, bn: str, cin: int, cout: int, k: int, node: str, **attrs: object
+    ) -> str:
+        w = g.weight(f"{p}/{layer}_1/convolution/merged_input:0", (cout, cin, k, k))
+        b = g.vector(f"{p}/{bn}_1/batchnorm/sub:0", (cout,))
+        return g.op("Conv", [x, w, b], f"{node}:0", name=node, **attrs)
+
+    def depthwise_bn(x: str, layer: str, c: int, fold: tuple[int, int], **attrs: object) -> str:
+        w = g.weight(f"const_fold_opt__{fold[0]}", (c, 1, 3, 3))
+        y = g.op("Conv", [x, w], f"{p}/{layer}_1/depthwise:0", name=f"{p}/{layer}_1/depthwise", **attrs)
+        mul, add = _keras_bn(g, c, (1, c, 1, 1))
+        bn = f"{p}/{layer}_bn_1/batchnorm"
+        y = g.op("Mul", [y, g.const(f"{bn}/mul:0", mul)], f"{bn}/mul_1:0", name=f"{bn}/mul_1")
+        return g.op(
+            "Add", [y, g.const(f"const_fold_opt__{fold[1]}", add)], f"{bn}/add_1:0", name=f"{bn}/add_1"
         )
-        x = t.op("Clip", [x, *clip], f"{layer}_relu/Relu6")
-    x = t.op("ReduceMean", [x], "global_average_pooling2d_1/Mean", axes=[2, 3], keepdims=0)
-    w = g.weight(f"{t.scope}/dense_1/Cast/ReadVariableOp:0", (16, 10), fan_in=16)
-    x = t.op("MatMul", [x, w], "dense_1/MatMul")
-    x = t.op("Add", [x, g.vector(f"{t.scope}/dense_1/Add/ReadVariableOp:0", (10,))], "dense_1/Add")
-    x = t.keras_bn(x, "batch_normalization_1", 10, (10,))
-    g.nodes.append(helper.make_node("Identity", [x], ["output_0"], name="Identity"))
-    return g.model(
-        "tf2onnx", {"keras_tensor": (1, 16, 16, 3)}, ["output_0"], opset=15, ir_version=8, producer=TF2ONNX
+
+    def clip(x: str, layer: str) -> str:
+        return g.op("Clip", [x, *relu6], f"{p}/{layer}_relu_1/Relu6:0", name=f"{p}/{layer}_relu_1/Relu6")
+
+    x = g.op("Transpose", ["keras_tensor"], f"{p}/conv1_bn_1/batchnorm/mul_1__6:0",
+             name=f"{p}/conv1_bn_1/batchnorm/mul_1__6", perm=NHWC_TO_NCHW)  # fmt: skip
+    x = merged_conv(x, "conv1", "conv1_bn", 3, 8, 3, "Conv__36",
+                    **conv_attrs(TF2ONNX_CONV, 3, pads=SAME_STRIDE_2, stride=2))  # fmt: skip
+    x = clip(x, "conv1")
+    x = clip(
+        depthwise_bn(x, "conv_dw_1", 8, (63, 61), **conv_attrs(TF2ONNX_CONV, 3, pad=1, group=8)), "conv_dw_1"
     )
+    x = clip(
+        merged_conv(
+            x, "conv_pw_1", "conv_pw_1_bn", 8, 16, 1, "Conv__46", **conv_attrs(TF2ONNX_CONV_UNPADDED, 1)
+        ),
+        "conv_pw_1",
+    )
+    attrs = conv_attrs(
+        ("dilations", "strides", "kernel_shape", "group", "pads"), 3, pads=SAME_STRIDE_2, stride=2, group=16
+    )
+    x = clip(depthwise_bn(x, "conv_dw_2", 16, (60, 62), **attrs), "conv_dw_2")
+    gap = f"{p}/global_average_pooling2d_1/Mean"
+    x = g.op("GlobalAveragePool", [x], f"{gap}:0", name=gap)
+    axes = g.const("const_axes__64", np.array([2, 3], np.int64))
+    x = g.op("Squeeze", [x, axes], f"{gap}_Squeeze__65:0", name=f"{gap}_Squeeze__65")
+    w = g.weight(f"{p}/dense_1/Cast/ReadVariableOp:0", (16, 10), fan_in=16)
+    x = g.op("MatMul", [x, w], f"{p}/dense_1/MatMul:0", name=f"{p}/dense_1/MatMul")
+    mul, add = _keras_bn(g, 10, (10,))
+    bn = f"{p}/bn_head_1/batchnorm"
+    x = g.op("Mul", [x, g.const(f"{bn}/mul:0", mul)], f"{bn}/mul_1:0", name=f"{bn}/mul_1")
+    g.op("Add", [x, g.const(f"{bn}/sub:0", add)], "Identity:0", name=f"{bn}/add_1")
+    inputs = {"keras_tensor": ("unk__66", 16, 16, 3)}
+    return g.model("tf2onnx", inputs, ["Identity:0"], opset=15, ir_version=8, producer=TF2ONNX, domains=ML)
+
+
+def keras3_tf2onnx_raw(seed: int) -> onnx.ModelProto:
+    """The same keras 3 model through tf2onnx with its optimizers off (``tf2onnx.convert`` of the
+    model function, opset 13): grappler has merged each regular conv's BN scale into its weights,
+    and the shift is a bias Add on the NHWC tensor: ``Conv -> Transpose(0,2,3,1) -> Add (C,)``.
+    After each depthwise conv (weights computed as ``Transpose(Reshape(W_hwcm))``) the BN is
+    ``Transpose(0,2,3,1) -> Mul (C,) -> Add (C,)``; the Dense head is ``MatMul -> Mul -> Add``.
+
+    (C,) on NHWC broadcasts along the channel axis. A correct folder tracks the axis through the
+    Transposes and absorbs the 2 bias Adds and the 3 Mul/Add chains exactly.
+    """
+    g = GraphBuilder(seed)
+    p = "functional_1"
+    n = iter(range(6, 100))
+
+    def transpose(x: str, perm: list[int], stem: str) -> str:
+        name = f"{stem}__{next(n)}"
+        return g.op("Transpose", [x], f"{name}:0", name=name, perm=perm)
+
+    def clip(x: str, layer: str) -> str:
+        lo = _scalar(g, f"{p}/{layer}_relu_1/Relu6_min__{next(n)}", 0.0)
+        hi = _scalar(g, f"{p}/{layer}_relu_1/Relu6_max__{next(n)}", 6.0)
+        return g.op("Clip", [x, lo, hi], f"{p}/{layer}_relu_1/Relu6:0", name=f"{p}/{layer}_relu_1/Relu6")
+
+    def conv_shift(x: str, layer: str, cin: int, cout: int, k: int, **attrs: object) -> str:
+        bn = f"{p}/{layer}_bn_1/batchnorm"
+        x = transpose(x, NHWC_TO_NCHW, f"{bn}/mul_1")
+        w = g.weight(f"{p}/{layer}_1/convolution/merged_input:0", (cout, cin, k, k))
+        x = transpose(
+            g.op("Conv", [x, w], f"{bn}/mul_1:0", name=f"{bn}/mul_1", **attrs), NCHW_TO_NHWC, f"{bn}/mul_1"
+        )
+        return clip(
+            g.op("Add", [x, g.vector(f"{bn}/sub:0", (cout,))], f"{bn}/add_1:0", name=f"{bn}/add_1"), layer
+        )
+
+    def depthwise(x: str, layer: str, c: int, **attrs: object) -> str:
+        dw = f"{p}/{layer}_1/depthwise"
+        x = transpose(x, NHWC_TO_NCHW, dw)
+        shape = g.const(f"{dw}__{next(n)}", np.array([3, 3, 1, c], np.int64))
+        kernel = g.weight(f"{dw}/ReadVariableOp:0", (3, 3, c, 1), fan_in=9)
+        reshape = f"Reshape__{next(n)}"
+        w = transpose(g.op("Reshape", [kernel, shape], f"{reshape}:0", name=reshape), HWIO_TO_OIHW, dw)
+        x = transpose(g.op("Conv", [x, w], f"{dw}:0", name=dw, **attrs), NCHW_TO_NHWC, dw)
+        return clip(_mul_add(g, x, f"{p}/{layer}_bn_1/batchnorm", c), layer)
+
+    x = conv_shift("input_1", "conv1", 3, 8, 3, **conv_attrs(TF2ONNX_CONV, 3, pads=SAME_STRIDE_2, stride=2))
+    x = depthwise(x, "conv_dw_1", 8, **conv_attrs(TF2ONNX_CONV, 3, pad=1, group=8))
+    x = conv_shift(x, "conv_pw_1", 8, 16, 1, **conv_attrs(TF2ONNX_CONV_UNPADDED, 1))
+    x = depthwise(x, "conv_dw_2", 16, **conv_attrs(TF2ONNX_CONV, 3, pads=SAME_STRIDE_2, stride=2, group=16))
+    gap = f"{p}/global_average_pooling2d_1/Mean"
+    x = g.op("ReduceMean", [x], f"{gap}:0", name=gap, axes=[1, 2], keepdims=0)
+    w = g.weight(f"{p}/dense_1/Cast/ReadVariableOp:0", (16, 10), fan_in=16)
+    x = _mul_add(
+        g,
+        g.op("MatMul", [x, w], f"{p}/dense_1/MatMul:0", name=f"{p}/dense_1/MatMul"),
+        f"{p}/bn_head_1/batchnorm",
+        10,
+    )
+    return _identity_outputs(g, [x], {"input_1": (1, 16, 16, 3)}, 4)
+
+
+def _mul_add(g: GraphBuilder, x: str, bn: str, c: int) -> str:
+    """Keras' BN as tf2onnx writes it without its optimizer: ``Mul (C,) -> Add (C,)``."""
+    mul, add = _keras_bn(g, c, (c,))
+    x = g.op("Mul", [x, g.const(f"{bn}/mul:0", mul)], f"{bn}/mul_1:0", name=f"{bn}/mul_1")
+    return g.op("Add", [x, g.const(f"{bn}/sub:0", add)], f"{bn}/add_1:0", name=f"{bn}/add_1")
+
+
+def _identity_outputs(
+    g: GraphBuilder, xs: list[str], inputs: dict[str, tuple[int, ...]], n: int
+) -> onnx.ModelProto:
+    """tf2onnx's output tail without its optimizer: ``Identity -> Identity`` per graph output, opset 13."""
+    outputs = []
+    for i, x in enumerate(xs):
+        out = "Identity" if i == 0 else f"Identity_{i}"
+        raw = g.op("Identity", [x], f"{out}_raw_output___{n + 2 * i}:0", name=out)
+        outputs.append(
+            g.op("Identity", [raw], f"{out}:0", name=f"{out}_graph_outputs_Identity__{n + 2 * i + 1}")
+        )
+    return g.model("tf2onnx", inputs, outputs, opset=13, ir_version=7, producer=TF2ONNX, domains=ML)
+
+
+def _fused_bn(g: GraphBuilder, x: str, k: int, n: int, c: int, perms: tuple[list[int], list[int]]) -> str:
+    """``FusedBatchNormV3`` (eps 1e-3) on a channels-last tensor: Transpose -> BN -> Transpose."""
+    op = "FusedBatchNormV3" if k == 0 else f"FusedBatchNormV3_{k}"
+    names = (
+        [f"{op}/{v}:0" for v in ("scale", "offset", "mean", "variance")]
+        if k == 3  # a raw_ops.FusedBatchNormV3 call names its constants after itself
+        else [
+            f"scale{'' if k == 0 else f'_{k}'}:0",
+            f"offset{'' if k == 0 else f'_{k}'}:0",
+            f"{op}/mean:0",
+            f"{op}/variance:0",
+        ]
+    )
+    x = g.op("Transpose", [x], f"{op}__{n}:0", name=f"{op}__{n}", perm=perms[0])
+    x = g.bn(x, f"{op}:0", names, c, name=op, epsilon=1e-3)
+    return g.op("Transpose", [x], f"{op}__{n + 1}:0", name=f"{op}__{n + 1}", perm=perms[1])
 
 
 def tf2onnx_raw_nhwc(seed: int) -> onnx.ModelProto:
-    """tf2onnx without its optimizer (``--opset 13``, optimizers off; NHWC converters generally):
-    every NCHW-only op is wrapped in Transposes that nothing cancels, so BN reads
-    ``Conv -> Transpose(0,2,3,1) -> Add (C,) [BiasAdd] -> Transpose(0,3,1,2) -> BatchNormalization``
-    (a Conv with bias), ``Conv -> Transpose -> Transpose -> BN`` (bias-less), and the same after a
-    ConvTranspose (Conv2DTranspose with bias). The (C,) BiasAdd is on an NHWC tensor: per channel.
+    """``tf.nn.conv2d + bias_add``, ``conv2d``, ``conv2d_transpose + bias_add``, each followed by
+    ``FusedBatchNormV3`` and ReLU, through tf2onnx with its optimizers off (opset 13): the weights
+    are ``Transpose(W_hwio, perm=[3,2,0,1])`` nodes, BiasAdd is the Conv's third input, and every
+    BN is ``Conv -> Transpose(0,2,3,1) -> Transpose(0,3,1,2) -> BatchNormalization ->
+    Transpose(0,2,3,1)`` (the same after the ConvTranspose).
 
-    A correct folder composes the permutations (identity), absorbs the bias Adds and folds all 3
-    BN exactly into the Conv/ConvTranspose; onnxslim, onnxsim and onnxruntime fold them too.
+    A correct folder composes the permutations (the identity), treats the transposed initializers
+    as constant weights and folds all 3 BN exactly.
     """
     g = GraphBuilder(seed)
-    t = _Tf(g, "model")
     perms = (NHWC_TO_NCHW, NCHW_TO_NHWC)
-    x = "input_1:0"
-    for i, (layer, cin, cout, bias) in enumerate((("conv2d", 3, 8, True), ("conv2d_1", 8, 8, False))):
-        w = g.weight(f"model/{layer}/Conv2D/ReadVariableOp:0", (cout, cin, 3, 3))
-        x = t.transpose(x, NHWC_TO_NCHW, f"{layer}/Conv2D")
-        x = t.transpose(
-            t.op("Conv", [x, w], f"{layer}/Conv2D", **tf_conv_attrs(3, pad=1)),
-            NCHW_TO_NHWC,
-            f"{layer}/Conv2D",
-        )
-        if bias:
-            x = t.op(
-                "Add", [x, g.vector(f"model/{layer}/BiasAdd/ReadVariableOp:0", (cout,))], f"{layer}/BiasAdd"
-            )
-        bn = "batch_normalization" if i == 0 else f"batch_normalization_{i}"
-        x = t.op("Relu", [t.fused_bn(x, bn, cout, perms=perms, eps=1e-3)], f"re_lu_{i}/Relu")
-    w = g.weight("model/conv2d_transpose/conv2d_transpose/ReadVariableOp:0", (8, 4, 2, 2), fan_in=8)
-    x = t.transpose(x, NHWC_TO_NCHW, "conv2d_transpose/conv2d_transpose")
-    attrs = {"dilations": [1, 1], "kernel_shape": [2, 2], "pads": [0, 0, 0, 0], "strides": [2, 2]}
-    x = t.op("ConvTranspose", [x, w], "conv2d_transpose/conv2d_transpose", **attrs)
-    x = t.transpose(x, NCHW_TO_NHWC, "conv2d_transpose/conv2d_transpose")
-    x = t.op(
-        "Add",
-        [x, g.vector("model/conv2d_transpose/BiasAdd/ReadVariableOp:0", (4,))],
-        "conv2d_transpose/BiasAdd",
-    )
-    x = t.op("Relu", [t.fused_bn(x, "batch_normalization_2", 4, perms=perms, eps=1e-3)], "re_lu_2/Relu")
-    g.nodes.append(helper.make_node("Identity", [x], ["Identity:0"], name="Identity"))
-    return g.model(
-        "tf2onnx", {"input_1:0": (1, 8, 8, 3)}, ["Identity:0"], opset=13, ir_version=7, producer=TF2ONNX
-    )
+    w1 = g.weight("Conv2D/filter:0", (3, 3, 3, 8), fan_in=27)
+    b1 = g.vector("BiasAdd/bias:0", (8,))
+    w2 = g.weight("Conv2D_1/filter:0", (3, 3, 8, 8), fan_in=72)
+    wt = g.weight("conv2d_transpose/filter:0", (2, 2, 4, 8), fan_in=8)
+    bt = g.vector("BiasAdd_1/bias:0", (4,))
+    w2 = g.op("Transpose", [w2], "Conv2D_1__41:0", name="Conv2D_1__41", perm=HWIO_TO_OIHW)
+    w1 = g.op("Transpose", [w1], "BiasAdd__36:0", name="BiasAdd__36", perm=HWIO_TO_OIHW)
+    x = g.op("Transpose", ["input_1"], "BiasAdd__35:0", name="BiasAdd__35", perm=NHWC_TO_NCHW)
+    wt = g.op("Transpose", [wt], "BiasAdd_1__46:0", name="BiasAdd_1__46", perm=HWIO_TO_OIHW)
+    x = g.op("Conv", [x, w1, b1], "BiasAdd:0", name="BiasAdd", **conv_attrs(TF2ONNX_CONV, 3, pad=1))
+    x = g.op("Transpose", [x], "BiasAdd__37:0", name="BiasAdd__37", perm=NCHW_TO_NHWC)
+    x = g.op("Relu", [_fused_bn(g, x, 0, 38, 8, perms)], "Relu:0", name="Relu")
+    x = g.op("Transpose", [x], "Conv2D_1__40:0", name="Conv2D_1__40", perm=NHWC_TO_NCHW)
+    x = g.op("Conv", [x, w2], "Conv2D_1:0", name="Conv2D_1", **conv_attrs(TF2ONNX_CONV, 3, pad=1))
+    x = g.op("Transpose", [x], "Conv2D_1__42:0", name="Conv2D_1__42", perm=NCHW_TO_NHWC)
+    x = g.op("Relu", [_fused_bn(g, x, 1, 43, 8, perms)], "Relu_1:0", name="Relu_1")
+    x = g.op("Transpose", [x], "BiasAdd_1__45:0", name="BiasAdd_1__45", perm=NHWC_TO_NCHW)
+    attrs = conv_attrs(("dilations", "strides", "kernel_shape", "pads", "auto_pad"), 2, stride=2)
+    x = g.op("ConvTranspose", [x, wt, bt], "BiasAdd_1:0", name="BiasAdd_1", **attrs)
+    x = g.op("Transpose", [x], "BiasAdd_1__47:0", name="BiasAdd_1__47", perm=NCHW_TO_NHWC)
+    x = g.op("Relu", [_fused_bn(g, x, 2, 48, 4, perms)], "Relu_2:0", name="Relu_2")
+    return _identity_outputs(g, [x], {"input_1": (1, 8, 8, 3)}, 26)
 
 
 def tf2onnx_raw_conv3d(seed: int) -> onnx.ModelProto:
-    """tf2onnx without its optimizer on a Conv3D (NDHWC): ``Transpose(0,4,1,2,3) -> Conv (3-D) ->
-    Transpose(0,2,3,4,1) -> Transpose(0,4,1,2,3) -> BatchNormalization -> Transpose(0,2,3,4,1)``.
+    """``tf.nn.conv3d`` -> ``FusedBatchNormV3`` (NDHWC) through tf2onnx with its optimizers off:
+    ``Transpose(0,4,1,2,3) -> Conv (3-D, weights Transpose(W, [4,3,0,1,2])) -> Transpose(0,2,3,4,1)
+    -> Transpose(0,4,1,2,3) -> BatchNormalization -> Transpose(0,2,3,4,1)``.
 
     A correct folder composes the 5-D permutations and folds the BN into the 3-D Conv exactly.
     """
     g = GraphBuilder(seed)
-    t = _Tf(g, "model")
     to_ncdhw, to_ndhwc = [0, 4, 1, 2, 3], [0, 2, 3, 4, 1]
-    w = g.weight("model/conv3d/Conv3D/ReadVariableOp:0", (4, 2, 3, 3, 3))
-    x = t.transpose("input_1:0", to_ncdhw, "conv3d/Conv3D")
-    x = t.transpose(
-        t.op("Conv", [x, w], "conv3d/Conv3D", **tf_conv_attrs(3, pad=1, rank=3)), to_ndhwc, "conv3d/Conv3D"
-    )
-    x = t.op(
-        "Relu", [t.fused_bn(x, "batch_normalization", 4, perms=(to_ncdhw, to_ndhwc), eps=1e-3)], "re_lu/Relu"
-    )
-    g.nodes.append(helper.make_node("Identity", [x], ["Identity:0"], name="Identity"))
-    return g.model(
-        "tf2onnx", {"input_1:0": (1, 4, 6, 6, 2)}, ["Identity:0"], opset=13, ir_version=7, producer=TF2ONNX
-    )
+    x = g.op("Transpose", ["input_1"], "Conv3D__30:0", name="Conv3D__30", perm=to_ncdhw)
+    w = g.weight("Conv3D/filter:0", (3, 3, 3, 2, 4), fan_in=54)
+    w = g.op("Transpose", [w], "Conv3D__31:0", name="Conv3D__31", perm=[4, 3, 0, 1, 2])
+    x = g.op("Conv", [x, w], "Conv3D:0", name="Conv3D", **conv_attrs(TF2ONNX_CONV, 3, pad=1, rank=3))
+    x = g.op("Transpose", [x], "Conv3D__32:0", name="Conv3D__32", perm=to_ndhwc)
+    x = g.op("Relu", [_fused_bn(g, x, 3, 33, 4, (to_ncdhw, to_ndhwc))], "Relu_3:0", name="Relu_3")
+    return _identity_outputs(g, [x], {"input_1": (1, 4, 6, 6, 2)}, 28)
 
 
 def resnetv2_preact(seed: int) -> onnx.ModelProto:
-    """Pre-activation blocks of tf.keras 2's ResNet50V2 through tf2onnx (optimizers on, opset 15;
-    FusedBatchNormV3 stays BatchNormalization, eps 1.001e-5): ``MaxPool -> BN (preact)``,
-    ``Add(shortcut, conv) -> BN (next preact)`` where the Add's output also feeds the next
-    block's identity-shortcut Add, and ``Add -> BN (post_bn)``.
+    """Two pre-activation blocks of tf.keras 2's ResNet50V2 through tf2onnx (``from_keras``,
+    optimizers on, opset 15). tf2onnx folds each BN that follows a conv (``Conv2D_weights_fused_bn``);
+    the BN left read ``MaxPool`` (block 1's preact), the Add of two activations whose output also
+    feeds the next block's identity-shortcut Add (block 2's preact), and the last Add (``post_bn``).
+    A real ResNet50V2 keeps 17 such BN.
 
-    A correct folder folds the 2 BN after a bias-less 1x1 Conv and leaves the 3 others with
-    ``unsupported-producer`` (MaxPool, Add, Add): an Add of two activations cannot absorb an
-    affine map, whatever else reads it (not ``producer-output-shared``). No forward fold: a Relu
-    stands between each preact BN and the next conv.
+    A correct folder folds none of the 3 and says ``unsupported-producer`` for each (MaxPool, Add,
+    Add), never ``producer-output-shared``. No forward fold either: a Relu follows each BN.
     """
     g = GraphBuilder(seed)
-    t = _Tf(g, "resnet50v2")
-    x = t.transpose("input_1", NHWC_TO_NCHW, "conv1_conv/Conv2D")
-    w = g.weight("resnet50v2/conv1_conv/Conv2D/ReadVariableOp:0", (8, 3, 3, 3))
-    x = t.op(
-        "Conv",
-        [x, w, g.vector("resnet50v2/conv1_conv/BiasAdd/ReadVariableOp:0", (8,))],
-        "conv1_conv/BiasAdd",
-        **tf_conv_attrs(3, pad=1),
+    p = "resnet50v2"
+
+    def conv(x: str, layer: str, cin: int, cout: int, k: int, *, fused_bn: bool = False) -> str:
+        attrs = conv_attrs(TF2ONNX_CONV if k > 1 else TF2ONNX_CONV_UNPADDED, k, pad=k // 2)
+        if fused_bn:
+            w = g.weight(f"{p}/{layer}/Conv2D_weights_fused_bn", (cout, cin, k, k))
+            b = g.vector(f"{p}/{layer}/Conv2D_bias_fused_bn", (cout,))
+            out = f"{p}/{layer.removesuffix('_conv')}_bn/FusedBatchNormV3:0"
+            return g.op("Conv", [x, w, b], out, name=f"{p}/{layer}/Conv2D", **attrs)
+        w = g.weight(f"{p}/{layer}/Conv2D/ReadVariableOp:0", (cout, cin, k, k))
+        b = g.vector(f"{p}/{layer}/BiasAdd/ReadVariableOp:0", (cout,))
+        return g.op("Conv", [x, w, b], f"{p}/{layer}/BiasAdd:0", name=f"{p}/{layer}/BiasAdd", **attrs)
+
+    def bn_relu(x: str, layer: str, relu: str) -> str:
+        names = [f"{p}/{layer}/ReadVariableOp:0", f"{p}/{layer}/ReadVariableOp_1:0"]
+        names += [
+            f"{p}/{layer}/FusedBatchNormV3/ReadVariableOp:0",
+            f"{p}/{layer}/FusedBatchNormV3/ReadVariableOp_1:0",
+        ]
+        x = g.bn(
+            x,
+            f"{p}/{layer}/FusedBatchNormV3:0",
+            names,
+            8,
+            name=f"{p}/{layer}/FusedBatchNormV3",
+            epsilon=1.001e-5,
+        )
+        return g.op("Relu", [x], f"{p}/{relu}/Relu:0", name=f"{p}/{relu}/Relu")
+
+    x = g.op(
+        "Transpose",
+        ["input_1"],
+        f"{p}/conv1_conv/BiasAdd__6:0",
+        name=f"{p}/conv1_conv/BiasAdd__6",
+        perm=NHWC_TO_NCHW,
     )
-    x = t.op("MaxPool", [x], "pool1_pool/MaxPool", kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 0, 0])
+    x = conv(x, "conv1_conv", 3, 8, 3)
+    x = g.op(
+        "MaxPool",
+        [x],
+        f"{p}/pool1_pool/MaxPool:0",
+        name=f"{p}/pool1_pool/MaxPool",
+        strides=[2, 2],
+        kernel_shape=[2, 2],
+    )
     for block in (1, 2):
-        p = f"conv2_block{block}"
-        pre = t.op("Relu", [t.keras2_bn(x, f"{p}_preact_bn", 8)], f"{p}_preact_relu/Relu")
-        shortcut = x
-        if block == 1:
-            w = g.weight(f"resnet50v2/{p}_0_conv/Conv2D/ReadVariableOp:0", (8, 8, 1, 1))
-            shortcut = t.op(
-                "Conv",
-                [pre, w, g.vector(f"resnet50v2/{p}_0_conv/BiasAdd/ReadVariableOp:0", (8,))],
-                f"{p}_0_conv/BiasAdd",
-                **tf_conv_attrs(1, pad=0),
-            )
-        w = g.weight(f"resnet50v2/{p}_1_conv/Conv2D/ReadVariableOp:0", (8, 8, 1, 1))
-        y = t.op("Conv", [pre, w], f"{p}_1_conv/Conv2D", **tf_conv_attrs(1, pad=0))
-        y = t.op("Relu", [t.keras2_bn(y, f"{p}_1_bn", 8)], f"{p}_1_relu/Relu")
-        w = g.weight(f"resnet50v2/{p}_3_conv/Conv2D/ReadVariableOp:0", (8, 8, 3, 3))
-        y = t.op(
-            "Conv",
-            [y, w, g.vector(f"resnet50v2/{p}_3_conv/BiasAdd/ReadVariableOp:0", (8,))],
-            f"{p}_3_conv/BiasAdd",
-            **tf_conv_attrs(3, pad=1),
+        b = f"conv2_block{block}"
+        pre = bn_relu(x, f"{b}_preact_bn", f"{b}_preact_relu")
+        y = g.op(
+            "Relu",
+            [conv(pre, f"{b}_1_conv", 8, 8, 1, fused_bn=True)],
+            f"{p}/{b}_1_relu/Relu:0",
+            name=f"{p}/{b}_1_relu/Relu",
         )
-        x = t.op("Add", [shortcut, y], f"{p}_out/add")
-    x = t.op("Relu", [t.keras2_bn(x, "post_bn", 8)], "post_relu/Relu")
-    g.nodes.append(
-        helper.make_node(
-            "Transpose", [x], ["post_relu"], name="resnet50v2/post_relu/Relu__20", perm=NCHW_TO_NHWC
-        )
-    )
+        y = conv(y, f"{b}_3_conv", 8, 8, 3)
+        shortcut = conv(pre, f"{b}_0_conv", 8, 8, 1) if block == 1 else x
+        x = g.op("Add", [shortcut, y], f"{p}/{b}_out/add:0", name=f"{p}/{b}_out/add")
+    x = bn_relu(x, "post_bn", "post_relu")
+    g.op("Transpose", [x], "post_relu", name=f"{p}/post_bn/FusedBatchNormV3__29", perm=NCHW_TO_NHWC)
     return g.model(
-        "tf2onnx", {"input_1": (1, 8, 8, 3)}, ["post_relu"], opset=15, ir_version=8, producer=TF2ONNX
+        "tf2onnx",
+        {"input_1": (1, 8, 8, 3)},
+        ["post_relu"],
+        opset=15,
+        ir_version=8,
+        producer=TF2ONNX,
+        domains=ML,
     )

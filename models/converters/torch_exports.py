@@ -8,18 +8,20 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from models.converters.graph import GraphBuilder, conv_attrs, tf_conv_attrs
+from models.converters.graph import DYNAMO_CONV, TORCHSCRIPT_CONV, GraphBuilder, conv_attrs
 
-TORCH_DYNAMO = ("pytorch", "2.13.0")
+TORCH_DYNAMO = ("pytorch", "2.13.0+cpu")
 TORCH_LEGACY = ("pytorch", "2.13.0")
 
 
 class _Dynamo:
     """torch.onnx.export(dynamo=True) naming: ``val_N`` values, ``node_<Op>_N`` nodes, FX names."""
 
-    def __init__(self, g: GraphBuilder) -> None:
+    def __init__(self, g: GraphBuilder, *, getitems: int = 0) -> None:
         self.g = g
         self.n = 0
+        self.bns = 0
+        self.getitems = getitems
         self.zero: str | None = None
 
     def val(self, op_type: str, inputs: Sequence[str], **attrs: object) -> str:
@@ -40,15 +42,28 @@ class _Dynamo:
             self.zero = self.val("Constant", [], value=numpy_helper.from_array(np.array(0.0, np.float32)))
         bias = self.val("Expand", [self.val("CastLike", [self.zero, x]), shape])
         conv = g.fresh("conv2d")
-        g.op("Conv", [x, w, bias], conv, name=f"node_{conv}", **conv_attrs(k, pad=k // 2, stride=stride))
+        g.op(
+            "Conv",
+            [x, w, bias],
+            conv,
+            name=f"node_{conv}",
+            **conv_attrs(DYNAMO_CONV, k, pad=k // 2, stride=stride),
+        )
         return self.bn(conv, bn, cout)
 
     def bn(self, x: str, prefix: str, c: int) -> str:
+        """BN has three FX outputs (``getitem_N .. N+2``, the first used); the first BN's translation
+        uses 8 ``val_N`` numbers, each later one 6 (it reuses two cached constants)."""
         names = [f"{prefix}.{p}" for p in ("weight", "bias", "running_mean", "running_var")]
-        out = self.g.fresh("getitem")
-        k = self.g.fresh("_native_batch_norm_legit_no_training")
-        self.n += 8  # the decomposition's own values, gone after translation
-        return self.g.bn(x, out, names, c, name=f"node_{k}__0", momentum=0.9, epsilon=1e-5)
+        k = self.bns
+        self.bns += 1
+        self.n += 8 if k == 0 else 6
+        out = "getitem" if self.getitems == 0 else f"getitem_{self.getitems}"
+        self.getitems += 3
+        node = (
+            "_native_batch_norm_legit_no_training" if k == 0 else f"_native_batch_norm_legit_no_training_{k}"
+        )
+        return self.g.bn(x, out, names, c, name=f"node_{node}__0", momentum=0.9, epsilon=1e-5)
 
     def unary(self, op_type: str, x: str, stem: str) -> str:
         out = self.g.fresh(stem)
@@ -75,14 +90,9 @@ def torch_dynamo_resnet(seed: int) -> onnx.ModelProto:
     y = d.conv_bn(y, "layer2.0.conv2", "layer2.0.bn2", 16, 16, 3)
     s = d.conv_bn(x, "layer2.0.downsample.0", "layer2.0.downsample.1", 8, 16, 1, 2)
     x = d.unary("Relu", g.op("Add", [y, s], g.fresh("add"), name="node_add_1"), "relu")
-    axes = d.val(
-        "Reshape",
-        [
-            d.val("Constant", [], value=numpy_helper.from_array(np.array([2, 3]))),
-            d.val("Constant", [], value_ints=[-1]),
-        ],
-        allowzero=0,
-    )
+    minus_one = d.val("Constant", [], value_ints=[-1])
+    axes = d.val("Constant", [], value=numpy_helper.from_array(np.array([2, 3])))
+    axes = d.val("Reshape", [axes, minus_one], allowzero=0)
     mean = g.op("ReduceMean", [x, axes], "mean", name="node_mean", noop_with_empty_axes=0, keepdims=0)
     g.weight("fc.weight", (10, 16))
     g.vector("fc.bias", (10,))
@@ -108,30 +118,17 @@ def torch_dynamo_resnet(seed: int) -> onnx.ModelProto:
 
 
 def torch_dynamo_linear_bn1d(seed: int) -> onnx.ModelProto:
-    """Linear -> BatchNorm1d from ``torch.onnx.export(dynamo=True, optimize=False)`` (torch 2.13):
-    a Linear with bias is ``Gemm(transB=1)``, one without is ``MatMul(x, Transpose(W, perm=[1, 0]))``.
+    """Linear -> BatchNorm1d twice on (N, F) from ``torch.onnx.export(dynamo=True, optimize=False)``
+    (torch 2.13): ``Gemm(transB=1)`` with a bias, and a bias-less Linear as a ``Gemm`` without C.
 
-    A correct folder folds both BN (the second into the MatMul: the Transpose of an initializer is
-    a constant weight; the MatMul gets a bias Add or becomes a Gemm).
+    A correct folder folds both BN (the second gives the Gemm a C input).
     """
     g = GraphBuilder(seed)
     d = _Dynamo(g)
-    g.weight("fc1.weight", (32, 16))
-    g.vector("fc1.bias", (32,))
-    g.weight("fc2.weight", (8, 32))
-    h = g.op(
-        "Gemm",
-        ["x", "fc1.weight", "fc1.bias"],
-        "linear",
-        name="node_linear",
-        beta=1.0,
-        transB=1,
-        alpha=1.0,
-        transA=0,
-    )
-    h = d.unary("Relu", d.bn(h, "bn1", 32), "relu")
-    wt = d.val("Transpose", ["fc2.weight"], perm=[1, 0])
-    h = g.op("MatMul", [h, wt], "linear_1", name="node_linear_1")
+    gemm = {"beta": 1.0, "transB": 1, "alpha": 1.0, "transA": 0}
+    inputs = ["x", g.weight("fc1.weight", (32, 16)), g.vector("fc1.bias", (32,))]
+    h = d.unary("Relu", d.bn(g.op("Gemm", inputs, "linear", name="node_linear", **gemm), "bn1", 32), "relu")
+    h = g.op("Gemm", [h, g.weight("fc2.weight", (8, 32))], "linear_1", name="node_linear_1", **gemm)
     out = d.bn(h, "bn2", 8)
     return g.model("main_graph", {"x": (4, 16)}, [out], opset=20, ir_version=10, producer=TORCH_DYNAMO)
 
@@ -151,13 +148,13 @@ def levit_linear_bn(seed: int) -> onnx.ModelProto:
     g.weight("val_0", (8, c), fan_in=8)
     g.const("val_4", np.array([b * n, c], np.int64))
     g.const("val_17", np.array([b, n, c], np.int64))
-    g.weight("val_30", (c, c), fan_in=c)
+    g.weight("val_18", (c, c), fan_in=c)
     h = g.op("MatMul", ["x", "val_0"], "linear", name="node_linear")
     h = g.op("Reshape", [h, "val_4"], "view", name="node_view", allowzero=1)
     d = _Dynamo(g)
     h = g.op("Reshape", [d.bn(h, "qkv.bn", c), "val_17"], "view_1", name="node_view_1", allowzero=1)
-    h = d.unary("HardSwish", h, "hardswish")
-    h = g.op("MatMul", [h, "val_30"], "linear_1", name="node_linear_1")
+    h = g.op("HardSwish", [h], "hardswish", name="n0")
+    h = g.op("MatMul", [h, "val_18"], "linear_1", name="node_linear_1")
     h = g.op("Reshape", [h, "val_4"], "view_2", name="node_view_2", allowzero=1)
     out = g.op("Reshape", [d.bn(h, "proj.bn", c), "val_17"], "view_3", name="node_view_3", allowzero=1)
     return g.model("main_graph", {"x": (b, n, 8)}, [out], opset=20, ir_version=10, producer=TORCH_DYNAMO)
@@ -187,18 +184,18 @@ def _mixed_conv_bn(seed: int, *, shared_branch: bool) -> onnx.ModelProto:
     g = GraphBuilder(seed)
     g.const("val_0", np.array([4, 4, 4], np.int64))
     parts = [f"split_with_sizes_split_{i}" for i in range(3)]
-    g.nodes.append(helper.make_node("Split", ["x", "val_0"], parts, name="node_Split_22", axis=1))
+    g.nodes.append(helper.make_node("Split", ["x", "val_0"], parts, name="node_Split_29", axis=1))
     convs = []
     for i, k in enumerate((3, 5, 7)):
         w = g.weight(f"conv_dw.{i}.weight", (4, 1, k, k))
-        conv, attrs = g.fresh("conv2d"), conv_attrs(k, pad=k // 2, group=4)
-        convs.append(g.op("Conv", [parts[i], w], conv, name=f"node_Conv_{32 + i}", **attrs))
+        conv, attrs = g.fresh("conv2d"), conv_attrs(DYNAMO_CONV, k, pad=k // 2, group=4)
+        convs.append(g.op("Conv", [parts[i], w], conv, name=f"node_Conv_{43 + i}", **attrs))
     cat = g.op("Concat", convs, "cat", name="node_cat", axis=1)
-    h = _Dynamo(g).bn(cat, "bn1", 12)
-    sigmoid = g.op("Sigmoid", [h], "sigmoid", name="node_Sigmoid_40")
-    outputs = [g.op("Mul", [h, sigmoid], "silu", name="node_Mul_41")]
+    h = _Dynamo(g, getitems=3).bn(cat, "bn1", 12)  # torch.split's outputs took getitem .. getitem_2
+    sigmoid = g.op("Sigmoid", [h], "val_28", name="node_Sigmoid_28")
+    outputs = [g.op("Mul", [h, sigmoid], "silu", name="node_silu")]
     if shared_branch:
-        outputs.append(g.op("GlobalAveragePool", [convs[0]], "aux", name="node_GlobalAveragePool_42"))
+        outputs.append(g.op("GlobalAveragePool", [convs[0]], "aux", name="node_GlobalAveragePool_46"))
     return g.model(
         "main_graph", {"x": (1, 12, 8, 8)}, outputs, opset=20, ir_version=10, producer=TORCH_DYNAMO
     )
@@ -217,41 +214,33 @@ def _legacy_linear(g: GraphBuilder, x: str, module: str, shape: tuple[int, int],
 
 
 def arcface_head(seed: int) -> onnx.ModelProto:
-    """The head of insightface's iresnet (ArcFace) from the TorchScript exporter (opset 11, exported
-    with Dropout kept): the last block's ``Add -> BN2d (bn2) -> Dropout -> Flatten -> Gemm (fc)
-    -> BN1d (features)``. The block's own convs already carry their BN (exported folded).
+    """The head of insightface's iresnet (ArcFace) from the TorchScript exporter in eval mode
+    (``torch.onnx.export(dynamo=False, opset_version=11)``, constant folding on; checked on torch
+    2.13): the last block ends in ``Add`` (its convs carry their BN already, ``onnx::Conv_*``), then
+    ``BN2d (bn2) -> Flatten -> Gemm (fc) -> BN1d (features)``. iresnet's ``Dropout(p=0)`` between
+    bn2 and Flatten is gone in an eval export.
 
-    A correct folder folds ``features`` backward into the Gemm and ``bn2`` forward through Dropout
-    (inference: identity) and Flatten into the Gemm (``W' = W·diag(s)`` with ``s`` repeated over
-    the flattened H·W positions, ``b' = b + W·t``): exact, a Gemm has no padding. Backward is
-    impossible for bn2 (its producer is an Add).
+    A correct folder folds ``features`` backward into the Gemm and ``bn2`` forward through the
+    Flatten into it (``W' = W·diag(s)`` with ``s`` repeated over the H·W positions,
+    ``b' = b + W·t``): exact, a Gemm has no padding. Backward is impossible for bn2 (an Add).
     """
     g = GraphBuilder(seed)
     x = "input.1"
+
+    def conv(y: str, name: str, w: str, b: str) -> str:
+        inputs = [y, g.weight(w, (8, 8, 3, 3)), g.vector(b, (8,))]
+        block = "/layer4/layer4.2"
+        return g.op("Conv", inputs, f"{block}/{name}/Conv_output_0", name=f"{block}/{name}/Conv",
+                    **conv_attrs(TORCHSCRIPT_CONV, 3, pad=1))  # fmt: skip
+
+    y = conv(x, "conv1", "onnx::Conv_236", "onnx::Conv_237")
+    slope = g.const("onnx::PRelu_241", g.rng.uniform(0.1, 0.4, (8, 1, 1)).astype(np.float32))
     y = g.op(
-        "Conv",
-        [x, g.weight("onnx::Conv_236", (8, 8, 3, 3)), g.vector("onnx::Conv_237", (8,))],
-        "/layer4/layer4.0/conv1/Conv_output_0",
-        name="/layer4/layer4.0/conv1/Conv",
-        **tf_conv_attrs(3, pad=1),
+        "PRelu", [y, slope], "/layer4/layer4.2/prelu/PRelu_output_0", name="/layer4/layer4.2/prelu/PRelu"
     )
-    g.const("/layer4/layer4.0/prelu/Constant_output_0", np.full((8, 1, 1), 0.25, np.float32))
-    y = g.op(
-        "PRelu",
-        [y, "/layer4/layer4.0/prelu/Constant_output_0"],
-        "/layer4/layer4.0/prelu/PRelu_output_0",
-        name="/layer4/layer4.0/prelu/PRelu",
-    )
-    y = g.op(
-        "Conv",
-        [y, g.weight("onnx::Conv_239", (8, 8, 3, 3)), g.vector("onnx::Conv_240", (8,))],
-        "/layer4/layer4.0/conv2/Conv_output_0",
-        name="/layer4/layer4.0/conv2/Conv",
-        **tf_conv_attrs(3, pad=1),
-    )
-    y = g.op("Add", [y, x], "/layer4/layer4.0/Add_output_0", name="/layer4/layer4.0/Add")
+    y = conv(y, "conv2", "onnx::Conv_239", "onnx::Conv_240")
+    y = g.op("Add", [y, x], "/layer4/layer4.2/Add_output_0", name="/layer4/layer4.2/Add")
     y = _legacy_bn(g, y, "bn2", 8, "/bn2/BatchNormalization_output_0")
-    y = g.op("Dropout", [y], "/dropout/Dropout_output_0", name="/dropout/Dropout", ratio=0.0)
     y = g.op("Flatten", [y], "/Flatten_output_0", name="/Flatten", axis=1)
     y = _legacy_linear(g, y, "fc", (32, 128), "/fc/Gemm_output_0")
     out = _legacy_bn(g, y, "features", 32, "683")

@@ -99,7 +99,9 @@ def test_passes_the_full_checker_and_matches_its_registry_entry(name: str) -> No
     spec = registry.get(name)
     assert spec.source == "converter" and name not in registry.REGISTRY
     assert [o.name for o in model.graph.output] == list(spec.outputs)
-    shapes = {i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim) for i in model.graph.input}
+    # a symbolic batch (keras' ``unk__66``) is fed as 1
+    dims = {i.name: i.type.tensor_type.shape.dim for i in model.graph.input}
+    shapes = {k: tuple(d.dim_value if d.HasField("dim_value") else 1 for d in v) for k, v in dims.items()}
     assert shapes == spec.inputs
     assert registry.count_bn(model) == spec.bn_count
 
@@ -110,7 +112,9 @@ def test_runs_at_disable_all_with_finite_outputs(name: str) -> None:
     outs = run_ort(model, _feeds(name))
     assert len(outs) == len(model.graph.output)
     for out, info in zip(outs, model.graph.output, strict=True):
-        expected = tuple(d.dim_value for d in info.type.tensor_type.shape.dim)
+        expected = tuple(
+            d.dim_value if d.HasField("dim_value") else 1 for d in info.type.tensor_type.shape.dim
+        )
         assert out.shape == expected and out.dtype == np.float32 and out.size > 0
     out = outs[0]
     if name == "trap-div-by-zero":  # channel 3 is divided by zero, the others are finite
@@ -188,15 +192,14 @@ def test_dynamo_bias_is_expand_castlike_of_static_shape_and_evaluates_to_zeros()
 
 
 def test_dynamo_linear_forms() -> None:
+    """On (N, F) a Linear is Gemm(transB=1); without a bias, a Gemm with no C (torch 2.13)."""
     model = _build("torch-dynamo-linear-bn1d")
-    prod = _producer(model)
-    gemm, matmul = _nodes(model, "Gemm")[0], _nodes(model, "MatMul")[0]
-    assert (_attr(gemm, "transB"), _attr(gemm, "alpha"), _attr(gemm, "beta")) == (1, 1.0, 1.0)
-    transpose = prod[matmul.input[1]]
-    assert transpose.op_type == "Transpose" and list(_attr(transpose, "perm")) == [1, 0]
-    assert transpose.input[0] == "fc2.weight"
-    for layer in (gemm, matmul):
-        assert [n.op_type for n in _consumers(model, layer.output[0])] == ["BatchNormalization"]
+    gemms = _nodes(model, "Gemm")
+    assert [len(g.input) for g in gemms] == [3, 2]
+    for gemm in gemms:
+        attrs = (_attr(gemm, "transA"), _attr(gemm, "transB"), _attr(gemm, "alpha"), _attr(gemm, "beta"))
+        assert attrs == (0, 1, 1.0, 1.0)
+        assert [n.op_type for n in _consumers(model, gemm.output[0])] == ["BatchNormalization"]
 
 
 def test_levit_reshape_keeps_the_matmul_last_axis_and_folds_exactly() -> None:
@@ -259,51 +262,107 @@ def test_mixnet_split_fold_is_exact_only_when_each_branch_feeds_only_the_concat(
 # --------------------------------------------------------------------------- tf2onnx, keras 3
 
 
-def test_keras3_writes_bn_as_mul_add_with_channel_broadcast_constants() -> None:
+def _after(model: onnx.ModelProto, tensor: str, through: tuple[str, ...]) -> tuple[onnx.NodeProto, list[int]]:
+    """The single reader of ``tensor`` past ``through`` ops, and the composed Transpose permutation."""
+    perm: list[int] = []
+    while True:
+        (node,) = _consumers(model, tensor)
+        if node.op_type not in through:
+            return node, perm
+        if node.op_type == "Transpose":
+            p = list(_attr(node, "perm"))
+            perm = [perm[i] for i in p] if perm else p
+        tensor = node.output[0]
+
+
+def test_keras3_export_leaves_bn_as_mul_add_after_depthwise_and_dense_only() -> None:
+    """Regular convs arrive with BN merged (3 inputs); depthwise convs and the Dense keep Mul -> Add."""
     model = _build("keras3-mobilenet")
     consts, prod = _constants(model), _producer(model)
     assert not _nodes(model, "BatchNormalization")
-    muls = _nodes(model, "Mul")
-    assert len(muls) == 4
-    layers = []
-    for mul in muls:
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "unk__66"
+    merged = [c for c in _nodes(model, "Conv") if len(c.input) == 3]
+    assert [c.name for c in merged] == ["Conv__36", "Conv__46"]
+    assert [n.op_type for n in _consumers(model, merged[0].output[0])] == ["Clip"]
+    assert list(_attr(merged[0], "pads")) == [0, 0, 1, 1]  # TensorFlow's "same" at stride 2
+    seen = []
+    for mul in _nodes(model, "Mul"):
         (add,) = _consumers(model, mul.output[0])
         layer = prod[mul.input[0]]
-        if layer.op_type == "Add":  # Dense: MatMul + Add (C,) bias, then the BN's Mul (C,)
-            assert prod[layer.input[0]].op_type == "MatMul" and consts[layer.input[1]].shape == (10,)
-            layer = prod[layer.input[0]]
         c = consts[mul.input[1]].size
         shape = (c,) if layer.op_type == "MatMul" else (1, c, 1, 1)
         assert add.op_type == "Add" and consts[mul.input[1]].shape == consts[add.input[1]].shape == shape
         assert not np.allclose(consts[mul.input[1]], 1.0) and not np.allclose(consts[add.input[1]], 0.0)
-        layers.append((layer.op_type, _attr(layer, "group")))
-    assert layers == [("Conv", None), ("Conv", 8), ("Conv", None), ("MatMul", None)]
+        seen.append((layer.op_type, _attr(layer, "group")))
+    assert seen == [("Conv", 8), ("Conv", 16), ("MatMul", None)]
+
+
+def test_keras3_raw_writes_the_shift_as_a_bias_add_behind_a_transpose() -> None:
+    model = _build("keras3-tf2onnx-raw")
+    consts, prod = _constants(model), _producer(model)
+    chains = []
+    for layer in [*_nodes(model, "Conv"), *_nodes(model, "MatMul")]:
+        first, perm = _after(model, layer.output[0], ("Transpose",))
+        ops = [first.op_type]
+        if first.op_type == "Mul":
+            ops.append(_consumers(model, first.output[0])[0].op_type)
+        c = consts[first.input[1]].shape
+        chains.append((layer.op_type, _attr(layer, "group"), perm, ops, c))
+    assert chains == [
+        ("Conv", 1, [0, 2, 3, 1], ["Add"], (8,)),
+        ("Conv", 8, [0, 2, 3, 1], ["Mul", "Add"], (8,)),
+        ("Conv", 1, [0, 2, 3, 1], ["Add"], (16,)),
+        ("Conv", 16, [0, 2, 3, 1], ["Mul", "Add"], (16,)),
+        ("MatMul", None, [], ["Mul", "Add"], (10,)),
+    ]
+    dw = _nodes(model, "Conv")[1]
+    transpose = prod[dw.input[1]]
+    reshape = prod[transpose.input[0]]
+    assert (transpose.op_type, list(_attr(transpose, "perm")), reshape.op_type) == (
+        "Transpose",
+        [3, 2, 0, 1],
+        "Reshape",
+    )
+    assert consts[reshape.input[0]].shape == (3, 3, 8, 1) and list(consts[reshape.input[1]]) == [3, 3, 1, 8]
+
+
+def test_keras3_raw_bias_add_behind_the_transpose_folds_exactly() -> None:
+    """Absorbing ``Transpose -> Add (C,)`` into the conv's bias (and keeping the Transpose) is exact."""
+    name = "keras3-tf2onnx-raw"
+    model = _build(name)
+    consts = _constants(model)
+    reference = run_ort(model, _feeds(name))
+    for k, conv in enumerate(c for c in _nodes(model, "Conv") if _attr(c, "group") == 1):
+        add, _ = _after(model, conv.output[0], ("Transpose",))
+        conv.input.append(_set_initializer(model, f"bias{k}", consts[add.input[1]]))
+        _bypass(model, add)
+    assert_close(reference, run_ort(model, _feeds(name)))
 
 
 @pytest.mark.parametrize("name", ["tf2onnx-raw-nhwc", "tf2onnx-raw-conv3d"])
 def test_tf2onnx_raw_transposes_around_bn_compose_to_the_identity(name: str) -> None:
     model = _build(name)
-    consts, prod = _constants(model), _producer(model)
+    prod = _producer(model)
+    rank = 5 if name.endswith("conv3d") else 4
     layers = []
     for bn in _nodes(model, "BatchNormalization"):
-        perm = np.arange(5 if name.endswith("conv3d") else 4)
-        node, bias_adds = prod[bn.input[0]], 0
-        while node.op_type in ("Transpose", "Add"):
-            if node.op_type == "Transpose":
-                perm = perm[list(_attr(node, "perm"))]
-            else:  # BiasAdd on the channels-last tensor: (C,) broadcasts along the channel axis
-                assert consts[node.input[1]].shape == (consts[bn.input[1]].size,)
-                bias_adds += 1
+        perm, node = list(range(rank)), prod[bn.input[0]]
+        while node.op_type == "Transpose":
+            perm = [perm[i] for i in _attr(node, "perm")]
             node = prod[node.input[0]]
-        assert list(perm) == sorted(perm), (bn.name, perm)
-        layers.append((node.op_type, bias_adds))
-        assert _attr(bn, "epsilon") == pytest.approx(1e-3)
-    expected = {"tf2onnx-raw-nhwc": [("Conv", 1), ("Conv", 0), ("ConvTranspose", 1)]}
-    assert layers == expected.get(name, [("Conv", 0)])
+        assert perm == list(range(rank)), (bn.name, perm)
+        after = _consumers(model, bn.output[0])[0]
+        assert after.op_type == "Transpose" and _attr(bn, "epsilon") == pytest.approx(1e-3)
+        weight = prod[node.input[1]]  # the layer's weight: a Transpose of the HWIO initializer
+        assert weight.op_type == "Transpose" and weight.input[0] in _constants(model)
+        layers.append((node.op_type, len(node.input)))
+    expected = {"tf2onnx-raw-nhwc": [("Conv", 3), ("Conv", 2), ("ConvTranspose", 3)]}
+    assert layers == expected.get(name, [("Conv", 2)])
+    assert [o.name for o in model.graph.output] == ["Identity:0"]
 
 
 def test_resnetv2_preactivation_bn_producers() -> None:
-    """The BN after an Add of two activations: one of them also feeds the next block's Add."""
+    """The BN left after tf2onnx: one reads MaxPool, one an Add that the next block's Add also reads."""
     model = _build("resnetv2-preact")
     prod = _producer(model)
     kinds = []
@@ -312,38 +371,45 @@ def test_resnetv2_preactivation_bn_producers() -> None:
         kinds.append((p.op_type, sorted(n.op_type for n in _consumers(model, p.output[0]))))
     assert kinds == [
         ("MaxPool", ["BatchNormalization"]),  # block 1 has a conv shortcut, reading the preact
-        ("Conv", ["BatchNormalization"]),
         ("Add", ["Add", "BatchNormalization"]),
-        ("Conv", ["BatchNormalization"]),
         ("Add", ["BatchNormalization"]),
     ]
+    fused = [c for c in _nodes(model, "Conv") if c.input[1].endswith("Conv2D_weights_fused_bn")]
+    assert len(fused) == 2 and all(c.output[0].endswith("_1_bn/FusedBatchNormV3:0") for c in fused)
 
 
-def test_paddle2onnx_bias_add_then_identity_before_bn() -> None:
+def test_paddle2onnx_bias_add_and_identities_before_bn() -> None:
     model = _build("paddle2onnx-identity-bn")
     consts, prod = _constants(model), _producer(model)
     seen = []
     for bn in _nodes(model, "BatchNormalization"):
-        identity = prod[bn.input[0]]
-        add = prod[identity.input[0]]
-        layer = prod[add.input[0]]
-        assert (identity.op_type, add.op_type) == ("Identity", "Add")
-        seen.append((layer.op_type, consts[add.input[1]].shape))
-    assert seen == [("Conv", (1, 8, 1, 1)), ("ConvTranspose", (1, 4, 1, 1)), ("MatMul", (6,))]
+        chain, node = [], prod[bn.input[0]]
+        while node.op_type in ("Identity", "Add"):
+            chain.append(node.op_type)
+            if node.op_type == "Add":
+                bias = consts[node.input[1]].shape
+            node = prod[node.input[0]]
+        seen.append((node.op_type, chain, bias))
+    assert seen == [
+        ("Conv", ["Identity", "Add"], (1, 8, 1, 1)),
+        ("ConvTranspose", ["Identity", "Add", "Identity"], (1, 4, 1, 1)),
+        ("MatMul", ["Identity", "Add"], (6,)),
+    ]
+    assert model.graph.name == "PaddlePaddle Graph in PIR mode" and model.opset_import[0].version == 11
 
 
 # --------------------------------------------------------------------------- BN before a layer
 
 
-def test_arcface_head_folds_forward_through_dropout_and_flatten_exactly() -> None:
-    """bn2 -> Dropout -> Flatten -> Gemm: W' = W * s (repeated over H*W), b' = b + W @ t."""
+def test_arcface_head_folds_forward_through_flatten_exactly() -> None:
+    """bn2 -> Flatten -> Gemm: W' = W * s (repeated over H*W), b' = b + W @ t."""
     model, name = _build("arcface-head"), "arcface-head"
     consts, prod = _constants(model), _producer(model)
     gemm = _nodes(model, "Gemm")[0]
     chain = [prod[gemm.input[0]]]
     while chain[-1].op_type != "BatchNormalization":
         chain.append(prod[chain[-1].input[0]])
-    assert [n.op_type for n in chain] == ["Flatten", "Dropout", "BatchNormalization"]
+    assert [n.op_type for n in chain] == ["Flatten", "BatchNormalization"]
     bn2 = chain[-1]
     assert prod[bn2.input[0]].op_type == "Add"
     assert [n.op_type for n in _consumers(model, gemm.output[0])] == ["BatchNormalization"]

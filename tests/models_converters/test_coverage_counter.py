@@ -24,10 +24,11 @@ BEFORE = {
     "torch-dynamo-linear-bn1d": (2, 0, 0),
     "levit-linear-bn": (2, 0, 0),
     "mixnet-concat-bn": (1, 0, 0),
-    "keras3-mobilenet": (0, 4, 0),  # 3 Conv -> Mul -> Add, 1 MatMul -> Add (bias) -> Mul -> Add
-    "tf2onnx-raw-nhwc": (3, 0, 2),  # the BiasAdds (C,) on NHWC, found through the Transpose
+    "keras3-mobilenet": (0, 3, 0),  # 2 depthwise Conv -> Mul -> Add, MatMul -> Mul -> Add
+    "keras3-tf2onnx-raw": (0, 3, 2),  # (C,) constants on NHWC, found through the Transposes
+    "tf2onnx-raw-nhwc": (3, 0, 0),
     "tf2onnx-raw-conv3d": (1, 0, 0),
-    "resnetv2-preact": (5, 0, 0),
+    "resnetv2-preact": (3, 0, 0),
     "paddle2onnx-identity-bn": (3, 0, 3),
     "arcface-head": (2, 0, 0),
     "tabular-bn-first": (1, 0, 0),
