@@ -4,6 +4,7 @@ Usage (from the repository root, with the ``bench`` extra installed)::
 
     python benchmarks/coverage.py                   # every model in models.registry.CONVERTERS
     python benchmarks/coverage.py --models keras3-mobilenet trap-mul-last-axis --json out.json
+    python benchmarks/coverage.py --models --files exported.onnx   # real exports only
 
 For each model (``models.converters``, seed 0) and each tool, BN-like structures are counted before
 and after, and the tool's output is run against the original, both by onnxruntime at
@@ -14,7 +15,9 @@ whose relative error (max |ref - out| / max |ref|, over the finite reference val
 A BN-like structure is one of
     bn      a BatchNormalization node (anywhere in the main graph),
     affine  a chain of Mul/Div (and Add/Sub) by per-channel constants after a layer,
-    bias    a chain of Add/Sub only by per-channel constants after a layer,
+    bias    a chain of Add/Sub only by per-channel constants after a Conv, ConvTranspose or Gemm
+            (after a MatMul, ``MatMul -> Add`` is how a linear layer with a bias is written: no
+            bias input could absorb it, so it is not counted),
 where a layer is Conv, ConvTranspose, Gemm or MatMul; the chain may look through Identity,
 Dropout and Transpose (the channel axis follows the permutation), and every tensor on it has a
 single reader. Per-channel follows numpy broadcasting: the constant, left-padded with 1s to the
@@ -176,7 +179,7 @@ def count_structures(model: onnx.ModelProto) -> Structures:
             tensor = node.output[0]
         if any(op in ("Mul", "Div") for op in ops):
             affine += 1
-        elif ops:
+        elif ops and layer.op_type != "MatMul":
             bias += 1
     return Structures(bn, affine, bias)
 
@@ -297,12 +300,25 @@ class Cell:
         return f"**WRONG** {text}" if self.wrong else text
 
 
-def measure(names: Sequence[str], tools: Sequence[str], workdir: Path) -> dict[str, Any]:
-    sources = {}
-    for name in names:
-        path = workdir / f"{name}.onnx"
-        path.write_bytes(_model_bytes(name))
-        sources[name] = str(path)
+def graph_feeds(path: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded standard-normal inputs for any model from its graph inputs (symbolic dims as 1)."""
+    model = onnx.load(path, load_external_data=False)
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        t = i.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+        feeds[i.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def measure(sources: dict[str, str], tools: Sequence[str], workdir: Path) -> dict[str, Any]:
+    """``sources``: name -> ONNX path. Inputs: the registry's for its models, else :func:`graph_feeds`."""
+    names = list(sources)
     before = {n: count_structures(onnx.load(p)) for n, p in sources.items()}
     cells: dict[str, dict[str, Cell]] = {n: {} for n in names}
     for tool in tools:
@@ -310,13 +326,13 @@ def measure(names: Sequence[str], tools: Sequence[str], workdir: Path) -> dict[s
             for n in names:
                 cells[n][tool] = Cell(failure="not installed")
             continue
-        jobs = [(p, str(workdir / f"{n}.{tool}.onnx")) for n, p in sources.items()]
+        jobs = [(p, str(workdir / f"{k}.{tool}.onnx")) for k, p in enumerate(sources.values())]
         errors = run_tool(tool, jobs)
         for (name, src), (_, dst) in zip(sources.items(), jobs, strict=True):
             if errors.get(src):
                 cells[name][tool] = Cell(failure=f"failed: {errors[src]}")
                 continue
-            feeds = registry.example_arrays(name, seed=0)
+            feeds = registry.example_arrays(name, seed=0) if name in registry.CONVERTERS else graph_feeds(src)
             try:
                 ref, out = _run(src, feeds), _run(dst, feeds)
                 err = max(relative_error(r, o) for r, o in zip(ref, out, strict=True))
@@ -340,9 +356,11 @@ def render(names: Sequence[str], tools: Sequence[str], result: dict[str, Any]) -
         "|---|---|---|" + "---|" * len(tools),
     ]
     for n in names:
-        row = [n, str(before[n]), str(IDEAL.get(n, 0))] + [str(cells[n][t]) for t in tools]
+        ideal = str(IDEAL.get(n, 0)) if n in registry.CONVERTERS else "?"
+        row = [n, str(before[n]), ideal] + [str(cells[n][t]) for t in tools]
         lines.append("| " + " | ".join(row) + " |")
-    totals = ["**total**", str(sum(before[n].total for n in names)), str(sum(IDEAL.get(n, 0) for n in names))]
+    ideal = sum(IDEAL.get(n, 0) for n in names if n in registry.CONVERTERS)
+    totals = ["**total**", str(sum(before[n].total for n in names)), str(ideal)]
     for t in tools:
         done = [cells[n][t] for n in names if cells[n][t].after is not None]
         wrong = sum(c.wrong for c in done)
@@ -363,15 +381,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["--child"]:
         return child_main(args[1], args[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--models", nargs="*", default=registry.converter_names())
+    parser.add_argument("--models", nargs="*", default=None, help="converter models (default: all)")
+    parser.add_argument(
+        "--files", nargs="*", default=[], type=Path, help="also these ONNX files (real exports)"
+    )
     parser.add_argument("--tools", nargs="*", default=list(TOOLS), choices=TOOLS)
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     opts = parser.parse_args(args)
-    for name in opts.models:
-        registry.get(name)
+    models = registry.converter_names() if opts.models is None else opts.models
+    for name in models:
+        if registry.get(name).source != "converter":
+            parser.error(f"{name} is not a converter model")
     with tempfile.TemporaryDirectory(prefix="bnfold-coverage-") as tmp:
-        result = measure(opts.models, opts.tools, Path(tmp))
-    print(render(opts.models, opts.tools, result))
+        sources = {}
+        for name in models:
+            sources[name] = str(Path(tmp) / f"{name}.onnx")
+            Path(sources[name]).write_bytes(_model_bytes(name))
+        sources.update({f.name: str(f.resolve()) for f in opts.files})
+        result = measure(sources, opts.tools, Path(tmp))
+    print(render(list(sources), opts.tools, result))
     if opts.json is not None:
         data = {
             "before": {n: asdict(s) for n, s in result["before"].items()},

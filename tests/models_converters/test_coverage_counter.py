@@ -29,7 +29,7 @@ BEFORE = {
     "tf2onnx-raw-nhwc": (3, 0, 0),
     "tf2onnx-raw-conv3d": (1, 0, 0),
     "resnetv2-preact": (3, 0, 0),
-    "paddle2onnx-identity-bn": (3, 0, 3),
+    "paddle2onnx-identity-bn": (3, 0, 2),  # MatMul -> Add is a linear layer's bias: not counted
     "arcface-head": (2, 0, 0),
     "tabular-bn-first": (1, 0, 0),
     "mxnet-bn-data": (3, 0, 0),
@@ -73,6 +73,17 @@ def test_per_channel_follows_numpy_broadcasting(
     const: tuple[int, ...], rank: int, axis: int, channels: int, expected: bool
 ) -> None:
     assert coverage.per_channel(const, rank, axis, channels) is expected
+
+
+def test_a_matmul_bias_add_is_not_a_structure_but_its_scale_is() -> None:
+    """``MatMul -> Add (C,)`` is the normal form of a linear layer (MatMul has no bias input)."""
+    model = converters.build("keras3-mobilenet")
+    assert coverage.count_structures(model).affine == 3
+    mul = next(n for n in model.graph.node if n.op_type == "Mul" and n.input[0].endswith("MatMul:0"))
+    (add,) = [n for n in model.graph.node if mul.output[0] in n.input]
+    add.input[0] = mul.input[0]
+    model.graph.node.remove(mul)
+    assert coverage.count_structures(model) == coverage.Structures(0, 2, 0)
 
 
 def test_relative_error_scales_by_the_reference_and_catches_non_finite_changes() -> None:
