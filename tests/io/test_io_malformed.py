@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from io_hostile import MALFORMED, malformed_bytes, mutate_bytes, non_utf8_name_bytes
-from io_models import conv_bn_mlp, model_bytes
+from io_models import conv_bn_mlp, model_bytes, save_external
+from onnx import TensorProto, helper
 
 import bnfold.onnx.io as bio
 from bnfold.errors import BnfoldError, InputError
@@ -38,8 +40,6 @@ def test_malformed_tensor_is_one_input_error_line(tmp_path, case, lazy):
 @pytest.mark.parametrize("case", sorted(MALFORMED), ids=sorted(MALFORMED))
 def test_read_array_of_a_malformed_tensor_is_an_input_error(case):
     """The tensor built in memory (no load): read_array checks it too."""
-    import onnx
-
     model = onnx.ModelProto()
     model.ParseFromString(malformed_bytes(case))
     name = "s" if case == "string-tensor-external" else "conv_w"
@@ -59,8 +59,6 @@ def test_name_that_is_not_utf8_is_one_input_error_line(tmp_path, where, lazy):
 
 def test_subgraphs_nested_thousands_deep_are_one_input_error_line(tmp_path):
     """Nesting past protobuf's recursion limit: a parse error, never a RecursionError."""
-    from onnx import TensorProto, helper
-
     graph = helper.make_graph(
         [helper.make_node("Identity", ["x"], ["y"])],
         "g",
@@ -133,3 +131,14 @@ def test_fuzzed_models_load_read_and_save_or_raise_input_error(tmp_path_factory,
         bio.save_model(model, tmp / "out.onnx", source_dir=str(tmp))
     except BnfoldError as err:
         assert "\n" not in str(err)
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+def test_external_data_entry_that_is_not_utf8_is_one_input_error_line(tmp_path, lazy):
+    """Found by the fuzz: a flipped byte in a location made ``str.startswith`` raise TypeError."""
+    model = onnx.ModelProto()
+    model.ParseFromString(model_bytes())
+    save_external(model, str(tmp_path / "m.onnx"))
+    data = (tmp_path / "m.onnx").read_bytes().replace(b"m.onnx.data", b"m.onnx.\xffata")
+    (tmp_path / "m.onnx").write_bytes(data)
+    assert "not valid UTF-8" in one_line_input_error(tmp_path / "m.onnx", lazy=lazy)

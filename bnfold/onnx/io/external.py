@@ -131,6 +131,10 @@ def external_ref(tensor: onnx.TensorProto, where: str) -> ExternalRef:
     values: dict[str, str] = {}
     for entry in tensor.external_data:
         key = entry.key
+        if type(key) is bytes or type(entry.value) is bytes:  # proto2 strings are not checked
+            raise InputError(
+                f"{where}: tensor '{tensor.name}' has an external data entry that is not valid UTF-8"
+            )
         if key.startswith(OLD_RESERVED_PREFIX):
             raise reserved_error(tensor, where, f"key {key!r}")
         if key not in KNOWN_KEYS:

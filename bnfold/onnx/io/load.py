@@ -191,6 +191,7 @@ def _lazy_graph(mm: mmap.mmap, start: int, end: int, token: str) -> bytes:
     pieces: list[bytes] = []
     run_start: int | None = None  # a run of fields copied verbatim
     location = entry_bytes("location", token)
+    released = start
     for number, wire_type, field_start, value_start, value_end in iter_fields(mm, start, end):
         if number != F_GRAPH_INITIALIZER or wire_type != WT_LEN:
             if run_start is None:
@@ -201,9 +202,25 @@ def _lazy_graph(mm: mmap.mmap, start: int, end: int, token: str) -> bytes:
             run_start = None
         tensor = _lazy_tensor(mm, value_start, value_end, location)
         pieces.append(tag(F_GRAPH_INITIALIZER, WT_LEN) + varint(len(tensor)) + tensor)
+        released = _release(mm, released, value_end)
     if run_start is not None:
         pieces.append(mm[run_start:end])
     return b"".join(pieces)
+
+
+_RELEASE_EVERY = 16 << 20
+_PAGE = mmap.PAGESIZE
+
+
+def _release(mm: mmap.mmap, released: int, upto: int) -> int:
+    """Unmap the pages the scan has passed (they stay in the page cache): the scan's memory then
+    stays a few MB, not the share of the file that page faults and read-ahead mapped in."""
+    end = upto - upto % _PAGE
+    if end - released < _RELEASE_EVERY or not hasattr(mmap, "MADV_DONTNEED"):
+        return released
+    begin = released - released % _PAGE
+    mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+    return end
 
 
 def _lazy_tensor(mm: mmap.mmap, start: int, end: int, location: bytes) -> bytes:
