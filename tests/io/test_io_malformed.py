@@ -106,9 +106,6 @@ def test_fuzzed_models_load_read_and_save_or_raise_input_error(tmp_path_factory,
     tmp = tmp_path_factory.mktemp("fuzz")
     base = model_bytes()
     if external:
-        import onnx
-        from io_models import save_external
-
         model = onnx.ModelProto()
         model.ParseFromString(base)
         save_external(model, str(tmp / "src.onnx"))
