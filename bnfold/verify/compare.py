@@ -96,6 +96,10 @@ class TensorStats:
     """``output`` (one scale per tensor) or ``intermediate`` (one scale per axis-1 channel)."""
     user_atol: float | None
     user_rtol: float | None
+    cand_name: str = ""
+    """The candidate's tensor compared with the reference's ``name`` (the same name unless
+    ``matched_by`` says otherwise)."""
+    matched_by: str = "name"
     shape: tuple[int, ...] = ()
     dtype: str = ""
     atol: float = 0.0
@@ -177,6 +181,7 @@ class TensorStats:
             worst_channel=int(np.argmax(self.channel_rel)) if self.channel_rel is not None else None,
             nan_inf_mismatch=self.nan_inf_mismatch,
             noise=self.noise_rel,
+            matched_by=self.matched_by,
         )
 
 

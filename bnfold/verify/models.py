@@ -157,22 +157,3 @@ def value_types(model: onnx.ModelProto) -> dict[str, int]:
 
 def constant_names(graph: onnx.GraphProto) -> set[str]:
     return {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
-
-
-def shared_intermediates(ref: OrtModel, cand: OrtModel) -> dict[str, int]:
-    """Name -> element type of the float tensors both main graphs compute, outputs excluded."""
-
-    def produced(g: onnx.GraphProto) -> set[str]:
-        outs = {o for n in g.node for o in n.output if o}
-        return outs - constant_names(g) - {v.name for v in (*g.input, *g.output)}
-
-    names = produced(ref.graph) & produced(cand.graph)
-    if not names:
-        return {}
-    ref_types, cand_types = value_types(ref.proto), value_types(cand.proto)
-    order = [o for n in ref.graph.node for o in n.output]  # the reference's order, for stable reports
-    return {
-        n: ref_types[n]
-        for n in order
-        if n in names and ref_types.get(n) in FETCHABLE and cand_types.get(n) == ref_types[n]
-    }

@@ -35,8 +35,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -46,18 +46,9 @@ from onnx import TensorProto, helper
 
 from ..report import InputSpec, VerifyReport, VerifyStatus
 from .compare import TensorStats, failure_summary, first_divergent, in_graph_order
+from .correspond import Pair, alias_candidates, output_pairs, pick_aliases, shared_by_name
 from .inputs import declared_inputs, generated_samples, user_samples
-from .models import (
-    PROVIDER,
-    ModelLike,
-    NotRun,
-    OrtModel,
-    first_line,
-    open_model,
-    run,
-    session,
-    shared_intermediates,
-)
+from .models import PROVIDER, ModelLike, NotRun, OrtModel, first_line, open_model, run, session
 from .options import InputsLike, Shapes, VerifyOptions, verify_options
 from .weights import WeightCheck, check_weights
 
@@ -136,24 +127,17 @@ def verify_with(
             f"candidate input(s) {strangers} are not inputs of that type in the reference",
         )
     ref_outs, cand_outs = [o.name for o in ref.graph.output], [o.name for o in cand.graph.output]
-    if len(ref_outs) != len(cand_outs):
-        return finish(
-            VerifyStatus.FAILED, f"the reference has {len(ref_outs)} outputs, the candidate {len(cand_outs)}"
-        )
-    notes = []
-    if ref_outs != cand_outs:
-        renamed = ", ".join(f"{r}->{c}" for r, c in zip(ref_outs, cand_outs) if r != c)
-        notes.append(f"outputs matched by position ({renamed})")
-
-    shared = shared_intermediates(ref, cand) if intermediates else {}
-    fields["compared_on"] = "outputs+intermediates" if shared else "outputs"
-    stats = [TensorStats(n, "output", atol, rtol) for n in ref_outs] + [
-        TensorStats(n, "intermediate", atol, rtol) for n in shared
-    ]
-    extra = [helper.make_tensor_value_info(n, t, None) for n, t in shared.items()]
+    outputs, problem, note = output_pairs(ref_outs, cand_outs)
+    if problem:
+        return finish(VerifyStatus.FAILED, problem)
+    notes = [note] if note else []
+    plan = _Plan(outputs)
+    if intermediates:
+        plan.add_intermediates(ref, cand)
+    fields["compared_on"] = "outputs+intermediates" if plan.has_intermediates else "outputs"
     cand_feeds = [{d.name: feed[d.name] for d in cand_inputs} for feed in feeds]
     try:
-        notes += _execute(ref, cand, extra, stats, feeds, cand_feeds, fields)
+        stats = _execute(ref, cand, plan, feeds, cand_feeds, fields, notes, (atol, rtol))
     except NotRun as e:
         return finish(VerifyStatus.NOT_RUN, str(e))
 
@@ -161,6 +145,14 @@ def verify_with(
     weights = _weights(ref, cand, atol, rtol) if intermediates else []
     fields["outputs"] = tuple(d for d in diffs if d.kind == "output")
     fields["intermediates"] = tuple(d for d in diffs if d.kind == "intermediate")
+    fields["matched"] = dict(Counter(d.matched_by for d in fields["intermediates"]))
+    unconfirmed = (
+        len(plan.chains)
+        - sum(d.matched_by == "fold-alias" for d in diffs)
+        - sum(d.matched_by == "name" and d.name in plan.chains for d in diffs)
+    )
+    if unconfirmed:
+        fields["matched"]["unconfirmed"] = unconfirmed
     fields["weights"] = tuple(w.diff for w in weights)
     failing = [d.name for d in diffs if not d.passed]
     bad_weights = [w for w in weights if not w.diff.passed]
@@ -175,16 +167,47 @@ def verify_with(
     )
 
 
+class _Plan:
+    """What to fetch from each model, and the pairs known before running (aliases are picked on
+    the first sample)."""
+
+    def __init__(self, outputs: list[Pair]) -> None:
+        self.pairs = list(outputs)
+        self.chains: dict[str, list[str]] = {}
+        self.types: dict[str, int] = {}
+
+    @property
+    def has_intermediates(self) -> bool:
+        return len(self.pairs) > sum(p.kind == "output" for p in self.pairs) or bool(self.chains)
+
+    def add_intermediates(self, ref: OrtModel, cand: OrtModel) -> None:
+        shared, self.types = shared_by_name(ref, cand, set())
+        self.chains = alias_candidates(ref, cand, self.types)
+        self.pairs += [Pair(n, n, "intermediate") for n in shared if n not in self.chains]
+
+    def fetch(self) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+        """Extra outputs of the reference and of the candidate."""
+        ref_names = [p.ref for p in self.pairs if p.kind != "output"]
+        ref_names += [r for chain in self.chains.values() for r in chain]
+        cand_names = [p.cand for p in self.pairs if p.kind != "output"] + list(self.chains)
+
+        def infos(names: list[str]) -> list[onnx.ValueInfoProto]:
+            return [helper.make_tensor_value_info(n, self.types[n], None) for n in dict.fromkeys(names)]
+
+        return infos(ref_names), infos(cand_names)
+
+
 def _execute(
     ref: OrtModel,
     cand: OrtModel,
-    extra: Sequence[onnx.ValueInfoProto],
-    stats: Sequence[TensorStats],
+    plan: _Plan,
     feeds: Sequence[Mapping[str, np.ndarray]],
     cand_feeds: Sequence[Mapping[str, np.ndarray]],
     fields: dict[str, Any],
-) -> list[str]:
-    """Run both models at ``ORT_DISABLE_ALL`` on every sample and compare; returns notes.
+    notes: list[str],
+    tolerances: tuple[float | None, float | None],
+) -> list[TensorStats]:
+    """Run both models at ``ORT_DISABLE_ALL`` on every sample and compare the pairs.
 
     The reference also runs at ``ORT_ENABLE_ALL``, with the same tensors fetched: onnxruntime then
     folds Conv+BN itself and reorders arithmetic, so the difference between its two runs is the
@@ -193,26 +216,35 @@ def _execute(
     whether it loads there (``candidate_runs_optimized``).
     """
     level = ort.GraphOptimizationLevel
-    notes = []
+    ref_extra, cand_extra = plan.fetch()
+    ref_names = [o.name for o in ref.graph.output] + [v.name for v in ref_extra]
+    cand_names = [o.name for o in cand.graph.output] + [v.name for v in cand_extra]
+    stats: list[TensorStats] = []
     with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as tmp:
         ref.prepare(tmp)
         cand.prepare(tmp)
-        ref_sess = session(ref, extra, level.ORT_DISABLE_ALL)
-        cand_sess = session(cand, extra, level.ORT_DISABLE_ALL)
+        ref_sess = session(ref, ref_extra, level.ORT_DISABLE_ALL)
+        cand_sess = session(cand, cand_extra, level.ORT_DISABLE_ALL)
         try:
-            calib_sess = session(ref, extra, level.ORT_ENABLE_ALL)
+            calib_sess = session(ref, ref_extra, level.ORT_ENABLE_ALL)
         except NotRun as e:
             calib_sess = None
             notes.append(f"tolerances not calibrated: {e}")
-        for feed, cand_feed in zip(feeds, cand_feeds):
-            calibration = _calibration(calib_sess, ref, feed, len(stats))
+        for i, (feed, cand_feed) in enumerate(zip(feeds, cand_feeds)):
+            r = dict(zip(ref_names, run(ref_sess, ref, feed)))
+            c = dict(zip(cand_names, run(cand_sess, cand, cand_feed)))
+            calibration = _calibration(calib_sess, ref, feed, ref_names)
             if calibration is None and calib_sess is not None:
                 calib_sess = None
                 notes.append("tolerances not calibrated: the reference did not run at ORT_ENABLE_ALL")
-            for s, r, c, k in zip(
-                stats, run(ref_sess, ref, feed), run(cand_sess, cand, cand_feed), calibration or repeat(None)
-            ):
-                s.add(r, c, k)
+            if i == 0:
+                pairs = plan.pairs + pick_aliases(plan.chains, r, c)
+                stats = [
+                    TensorStats(p.ref, p.kind, *tolerances, cand_name=p.cand, matched_by=p.matched_by)
+                    for p in pairs
+                ]
+            for s in stats:
+                s.add(r[s.name], c[s.cand_name], calibration[s.name] if calibration else None)
         fields["calibrated"] = calib_sess is not None
         del ref_sess, cand_sess, calib_sess
         try:
@@ -221,10 +253,12 @@ def _execute(
         except NotRun as e:
             fields["candidate_runs_optimized"] = False
             notes.append(f"at ORT_ENABLE_ALL: {e}")
-    return notes
+    return stats
 
 
-def _calibration(sess: Any, ref: OrtModel, feed: Mapping[str, np.ndarray], n: int) -> list[np.ndarray] | None:
+def _calibration(
+    sess: Any, ref: OrtModel, feed: Mapping[str, np.ndarray], names: Sequence[str]
+) -> dict[str, np.ndarray] | None:
     if sess is None:
         return None
     try:
@@ -232,7 +266,7 @@ def _calibration(sess: Any, ref: OrtModel, feed: Mapping[str, np.ndarray], n: in
     except NotRun as e:
         log.debug("calibration run failed: %s", e)
         return None
-    return out if len(out) == n else None
+    return dict(zip(names, out)) if len(out) == len(names) else None
 
 
 def _weights(ref: OrtModel, cand: OrtModel, atol: float | None, rtol: float | None) -> list[WeightCheck]:

@@ -10,7 +10,9 @@ A fold point is a tensor name ``y`` that the reference computes as
 ``BatchNormalization(P(x, W, b))`` and the candidate as ``P'(x, W', b')``, where P and P' are
 the same Conv, ConvTranspose or Gemm (or P is a MatMul and P' the Gemm the pass turns it
 into), reading the same ``x``, with the same attributes (Gemm's ``beta`` aside), and all
-weights and BN parameters constant. With ``s = gamma / sqrt(var + eps)`` and
+weights and BN parameters constant. A fold alias counts too: the candidate's ``P'`` writes the
+name of ``P``'s output ``c`` and the BN's output is gone (onnxsim and onnxoptimizer fold that
+way); the check is reported under the BN's output name. With ``s = gamma / sqrt(var + eps)`` and
 ``t = beta - mean * s`` computed in float64 (:mod:`bnfold.fold_math`, the same arithmetic
 as the pass), every element must satisfy::
 
@@ -89,14 +91,24 @@ def check_weights(
     ref_scope = main_scope(reference, reference_dir)
     cand_scope = main_scope(candidate, candidate_dir)
     opset = ref_scope.index.opset
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in reference.graph.node:
+        for i in set(n.input):
+            readers.setdefault(i, []).append(n)
+    cand_names = {o for n in candidate.graph.node for o in n.output}
     checks = []
     for node in candidate.graph.node:
         if node.domain not in _DEFAULT_DOMAINS or node.op_type not in _ABSORBERS or not node.output:
             continue
         y = node.output[0]
         bn = ref_scope.producer.get(y)
-        if bn is None or bn.op_type != "BatchNormalization" or bn.domain not in _DEFAULT_DOMAINS:
-            continue
+        if not _is_bn(bn):  # a fold alias: the layer kept its name, the BN reading it is gone
+            after = readers.get(y, [])
+            if not (len(after) == 1 and _is_bn(after[0]) and after[0].input[0] == y):
+                continue
+            if after[0].output[0] in cand_names:
+                continue
+            bn = after[0]
         try:
             checks.append(_check_one(ref_scope, cand_scope, opset, bn, node, atol, rtol))
         except _Skip as e:
@@ -105,6 +117,10 @@ def check_weights(
             ref_scope.const_cache.clear()
             cand_scope.const_cache.clear()
     return checks
+
+
+def _is_bn(node: onnx.NodeProto | None) -> bool:
+    return node is not None and node.op_type == "BatchNormalization" and node.domain in _DEFAULT_DOMAINS
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -188,7 +204,7 @@ def _check_one(
     atol: float | None,
     rtol: float | None,
 ) -> WeightCheck:
-    y = node.output[0]
+    y = bn.output[0]  # the fold point, named as in the reference
     w_new = _constant(cand, _input(node, 1))
     if w_new.dtype not in _DTYPES:
         raise _Skip(f"weight dtype {w_new.dtype}")
