@@ -122,8 +122,6 @@ def check_command(
     version: VersionOption = False,
 ) -> None:
     """Wire the options to :func:`check_models`; render, write the reports, exit."""
-    from bnfold.cli.render import check_summary
-
     ui = Ui(quiet=quiet, verbose=verbose, json_stdout=json_stdout)
     check_writable(json_file, "--json-file")
     check_writable(junit_xml, "--junit-xml")
@@ -155,7 +153,9 @@ def check_command(
         )
     result = dataclasses.replace(result, models=(*result.models, *unfound))
     _report_on_stderr(result, ui=ui, debug=debug)
-    if any(m.status is not CheckStatus.ERROR for m in result.models):
+    if ui.shows_summary and any(m.status is not CheckStatus.ERROR for m in result.models):
+        from bnfold.cli.render import check_summary
+
         ui.print(check_summary(result, verbose=ui.verbose))
     if json_stdout or json_file:
         emit_json(result.document(), to_stdout=json_stdout, path=json_file)

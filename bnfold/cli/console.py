@@ -6,6 +6,7 @@ rich is imported only when a :class:`Ui` is built, so parsing options and failin
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -119,6 +120,25 @@ def _stream_for(stream: TextIO | None) -> TextIO | _AsciiFallback | None:
     return stream
 
 
+def _isatty(stream: TextIO | None) -> bool:
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (OSError, ValueError):
+        return False
+
+
+def _console(stream: TextIO | None, **options: Any) -> Any:
+    """A rich console on ``stream``: plain lines, never wrapped, when it is not a terminal."""
+    from rich.console import Console
+
+    console = Console(file=_stream_for(stream), highlight=False, **options)  # type: ignore[arg-type]
+    if not console.is_terminal:  # logs and pipes: one line per item, never wrapped
+        console.soft_wrap = True
+        if "COLUMNS" not in os.environ:
+            console.width = 120
+    return console
+
+
 def silence_stdout() -> None:
     """Point file descriptor 1 at the null device after stdout failed (closed pipe, full disk),
     so the interpreter's final flush does not fail again and change the exit code."""
@@ -159,24 +179,25 @@ def stdout_to_stderr(enabled: bool) -> Iterator[None]:
 
 
 class Ui:
-    """The consoles of one command run: ``out`` (stdout) for the summary, ``err`` for progress."""
+    """The consoles of one command run: ``out`` (stdout) for the summary, ``err`` for progress.
+    rich is imported when one of them is first used: a ``-q`` or ``--json`` run never does."""
 
     def __init__(self, *, quiet: bool, verbose: bool, json_stdout: bool) -> None:
-        from rich.console import Console
-
         self.quiet = quiet
         self.verbose = verbose and not quiet
         self.json_stdout = json_stdout
-        self.out = Console(file=_stream_for(sys.stdout), highlight=False, quiet=quiet or json_stdout)  # type: ignore[arg-type]
-        self.err = Console(file=_stream_for(sys.stderr), stderr=True, highlight=False)  # type: ignore[arg-type]
-        for console in (self.out, self.err):
-            if not console.is_terminal:  # logs and pipes: one line per item, never wrapped
-                console.soft_wrap = True
-                if "COLUMNS" not in os.environ:
-                    console.width = 120
-        self.show_progress = self.err.is_terminal and not quiet and not json_stdout and not self.verbose
+        self.shows_summary = not quiet and not json_stdout
+        self.show_progress = self.shows_summary and not self.verbose and _isatty(sys.stderr)
         self._start = time.perf_counter()
         self._status: Callable[[str], None] | None = None
+
+    @functools.cached_property
+    def out(self) -> Any:
+        return _console(sys.stdout, quiet=not self.shows_summary)
+
+    @functools.cached_property
+    def err(self) -> Any:
+        return _console(sys.stderr, stderr=True)
 
     def print(self, renderable: Any) -> None:
         """The summary on stdout. A stdout that cannot take it (full disk, closed) costs one

@@ -178,10 +178,11 @@ def fold_command(
     if request.is_torch and exclude:
         raise typer.BadParameter("--exclude applies to ONNX models", param_hint="--exclude")
     outcome = _run(request, target, ui)
-    from bnfold.cli.render import fold_summary
-
     try:
-        ui.print(fold_summary(outcome, verbose=ui.verbose))
+        if ui.shows_summary:
+            from bnfold.cli.render import fold_summary
+
+            ui.print(fold_summary(outcome, verbose=ui.verbose))
         if json_stdout or json_file:
             emit_json(outcome.to_dict(), to_stdout=json_stdout, path=json_file)
     except KeyboardInterrupt:

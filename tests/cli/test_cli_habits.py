@@ -269,3 +269,23 @@ def test_package_is_typed() -> None:
     import bnfold
 
     assert (Path(bnfold.__file__).parent / "py.typed").exists()
+
+
+def test_quiet_no_verify_run_does_not_import_rich_consoles(model: Path) -> None:
+    """Issue 14: a `-q --no-verify` run prints nothing, so it must not pay for rich's consoles
+    and tables (nor the renderer that builds them)."""
+    probe = (
+        "import sys\n"
+        "from bnfold.cli import main\n"
+        "try:\n"
+        f"    main([{str(model)!r}, {str(model.with_name('f.onnx'))!r}, '--no-verify', '-q'])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "print(sorted(m for m in ('rich.console', 'rich.table', 'rich.progress', 'bnfold.cli.render') if m in sys.modules))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    assert bn_names(model.with_name("f.onnx")) == ["bn2"]
