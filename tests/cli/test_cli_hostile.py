@@ -229,7 +229,7 @@ def test_sigint_during_verification_exits_130_in_one_line(model: Path) -> None:
     )
     time.sleep(4)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.splitlines()[-1] == "bnfold: interrupted; nothing was written" and "Traceback" not in err
     assert not model.with_name("f.onnx").exists()
