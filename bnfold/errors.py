@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .report import ExportResult, FoldResult, VerifyReport
+    from .verify.rollback import Verified
 
 
 class BnfoldError(Exception):
@@ -24,11 +28,18 @@ class MissingDependencyError(BnfoldError):
 
 
 class VerificationError(BnfoldError):
-    """Safe folding could not produce a model that passes verification; ``report`` holds the details."""
+    """Safe folding could not produce a model that passes verification; ``report`` holds the
+    details, ``result`` what was folded (not written): the fold's result, or a torch export's."""
 
     exit_code = 1
 
-    def __init__(self, message: str, *, report: Any = None, result: Any = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        report: VerifyReport | None = None,
+        result: FoldResult | ExportResult | Verified | None = None,
+    ) -> None:
         super().__init__(message)
         self.report = report
         self.result = result

@@ -11,7 +11,10 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:
+    import onnx
 
 
 class SkipReason(str, enum.Enum):
@@ -250,8 +253,8 @@ class VerifyReport:
 class FoldResult:
     """What :func:`bnfold.fold_onnx` returns."""
 
-    model: Any
-    """The folded ``onnx.ModelProto``."""
+    model: onnx.ModelProto
+    """The folded model."""
     report: FoldReport
     verification: VerifyReport | None = None
     seconds: float = 0.0
@@ -262,6 +265,15 @@ class FoldResult:
         return d
 
 
+class ExportExtra(TypedDict, total=False):
+    """``ExportResult.extra``: how the module was exported and checked against torch."""
+
+    exporter: str
+    """``torchscript`` or ``dynamo``."""
+    torch_vs_onnx: VerifyReport
+    """The saved ONNX model against the torch module's outputs on the example inputs."""
+
+
 @dataclass(frozen=True)
 class ExportResult:
     """What :func:`bnfold.export` returns."""
@@ -270,7 +282,7 @@ class ExportResult:
     module_report: FoldReport
     onnx_report: FoldReport
     verification: VerifyReport | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    extra: ExportExtra = field(default_factory=ExportExtra)
 
     def to_dict(self) -> dict[str, Any]:
         return _asdict(self)

@@ -289,3 +289,27 @@ def test_quiet_no_verify_run_does_not_import_rich_consoles(model: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
     assert bn_names(model.with_name("f.onnx")) == ["bn2"]
+
+
+def test_results_and_errors_have_precise_types() -> None:
+    """Issue 11: FoldResult.model, VerificationError.result and ExportResult.extra were typed Any,
+    so mypy and pyright saw the API as Any."""
+    import typing
+
+    from bnfold import report
+    from bnfold.errors import VerificationError
+    from bnfold.verify.rollback import Verified
+
+    names = {"onnx": onnx, **vars(report), "Verified": Verified}
+    assert typing.get_type_hints(report.FoldResult, localns=names)["model"] is onnx.ModelProto
+    assert typing.get_type_hints(report.ExportResult, localns=names)["extra"] is report.ExportExtra
+    extra = typing.get_type_hints(report.ExportExtra, localns=names)
+    assert extra == {"exporter": str, "torch_vs_onnx": report.VerifyReport}
+    init = typing.get_type_hints(VerificationError.__init__, localns=names)
+    assert set(typing.get_args(init["result"])) == {
+        report.FoldResult,
+        report.ExportResult,
+        Verified,
+        type(None),
+    }
+    assert set(typing.get_args(init["report"])) == {report.VerifyReport, type(None)}
