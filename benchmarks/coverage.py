@@ -266,7 +266,7 @@ def _run(path: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = 4
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
@@ -321,6 +321,16 @@ def measure(sources: dict[str, str], tools: Sequence[str], workdir: Path) -> dic
     names = list(sources)
     before = {n: count_structures(onnx.load(p)) for n, p in sources.items()}
     cells: dict[str, dict[str, Cell]] = {n: {} for n in names}
+    feeds = {
+        n: registry.example_arrays(n, seed=0) if n in registry.CONVERTERS else graph_feeds(p)
+        for n, p in sources.items()
+    }
+    refs: dict[str, list[np.ndarray] | str] = {}
+    for name, src in sources.items():
+        try:
+            refs[name] = _run(src, feeds[name])
+        except Exception as exc:  # noqa: BLE001 - a broken export is a result too
+            refs[name] = f"original does not run: {type(exc).__name__}"
     for tool in tools:
         if importlib.util.find_spec(MODULES[tool]) is None:
             for n in names:
@@ -332,9 +342,12 @@ def measure(sources: dict[str, str], tools: Sequence[str], workdir: Path) -> dic
             if errors.get(src):
                 cells[name][tool] = Cell(failure=f"failed: {errors[src]}")
                 continue
-            feeds = registry.example_arrays(name, seed=0) if name in registry.CONVERTERS else graph_feeds(src)
+            ref = refs[name]
+            if isinstance(ref, str):
+                cells[name][tool] = Cell(failure=ref)
+                continue
             try:
-                ref, out = _run(src, feeds), _run(dst, feeds)
+                out = _run(dst, feeds[name])
                 err = max(relative_error(r, o) for r, o in zip(ref, out, strict=True))
             except Exception as exc:  # noqa: BLE001 - an output onnxruntime cannot run is a result
                 cells[name][tool] = Cell(failure=f"does not run: {type(exc).__name__}")
