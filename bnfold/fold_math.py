@@ -197,3 +197,54 @@ def channel_vector(value: np.ndarray, channels: int) -> np.ndarray | None:
     if v.shape[0] != channels:
         return None
     return v.copy()
+
+
+# --------------------------------------------------------------------------- forward folds
+#
+# A map before a layer, ``x' = s * x + t`` on the layer's input-channel axis, folds forward:
+#
+#     Gemm/MatMul  B (K, N):  B' = diag(s) B,                     b' = b + t B
+#     Conv   W (C_out, C_in/g, k...):  W'[o, i] = W[o, i] * s[c(o, i)],
+#                                      b'[o] = b[o] + sum_{i,k} W[o, i, k] * t[c(o, i)]
+#
+# with ``c(o, i) = (o // (C_out/g)) * (C_in/g) + i`` the input channel that weight column ``i`` of
+# output ``o`` reads. The Conv shift is exact only without padding: a zero-padded border never
+# saw ``t``; callers refuse a non-zero shift into a padded Conv.
+
+
+def conv_input_channels(weight_shape: tuple[int, ...], groups: int) -> np.ndarray:
+    """``c(o, i)`` for a Conv weight ``(C_out, C_in/g, k...)``: an int array of shape (C_out, C_in/g)."""
+    c_out, c_in_g = weight_shape[0], weight_shape[1]
+    if c_out % groups:
+        raise ValueError(f"{c_out} output channels do not split into {groups} groups")
+    group_of = np.arange(c_out) // (c_out // groups)
+    return group_of[:, None] * c_in_g + np.arange(c_in_g)[None, :]
+
+
+def forward_conv(
+    weight: np.ndarray, affine: Affine, groups: int
+) -> tuple[np.ndarray | None, str, np.ndarray]:
+    """The Conv forward fold: ``(W' rounded once to W's dtype or None, why, bias delta float64 (C_out,))``."""
+    w64 = np.asarray(weight, dtype=np.float64)
+    cols = conv_input_channels(weight.shape, groups)
+    extra = (1,) * (weight.ndim - 2)
+    s = affine.scale[cols].reshape(cols.shape + extra)
+    t = affine.shift[cols].reshape(cols.shape + extra)
+    delta = (w64 * t).reshape(weight.shape[0], -1).sum(axis=1)
+    if np.all(affine.scale == 1.0):
+        return np.asarray(weight), "", delta
+    out, why = cast_exact(w64 * s, np.asarray(weight).dtype, channel_axis=0, original=weight)
+    return out, why, delta
+
+
+def forward_matrix(
+    b: np.ndarray, affine: Affine, *, k_axis: int
+) -> tuple[np.ndarray | None, str, np.ndarray]:
+    """The Gemm/MatMul forward fold for ``B`` with its K (input-feature) axis ``k_axis``:
+    ``(B' or None, why, t·B float64 (N,))``."""
+    b64 = np.asarray(b, dtype=np.float64)
+    delta = affine.shift @ (b64 if k_axis == 0 else b64.T)
+    if np.all(affine.scale == 1.0):
+        return np.asarray(b), "", delta
+    out, why = scale_weight_exact(b, affine.scale, axis=k_axis)
+    return out, why, delta

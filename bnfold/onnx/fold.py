@@ -11,6 +11,7 @@ the end. The pass mutates the model it is given; it never verifies (see ``bnfold
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -18,6 +19,7 @@ import onnx
 from ..fold_math import Affine
 from ..report import Folded, FoldReport, Skipped, SkipReason
 from .absorb import find_layer, plan_into
+from .forward import plan_forward, walk_forward
 from .graph import ModelIndex, Scope, collect_scopes, node_id, walk_graphs
 from .plan import Plan, Reject, Source
 from .rewrite import apply, flush, remove_dead
@@ -69,10 +71,10 @@ def fold_scope(scope: Scope) -> tuple[list[Folded], list[Skipped]]:
             if node_id(node) in scope.doomed:
                 continue
             if is_batchnorm(node):
-                outcome: Folded | Skipped | None = try_fold(scope, node)
+                outcome: Folded | Skipped | None = try_fold(scope, node, consumers)
             else:
                 steps = chain_steps(scope, node, consumers)
-                outcome = None if steps is None else try_fold_chain(scope, steps)
+                outcome = None if steps is None else try_fold_chain(scope, steps, consumers)
             if isinstance(outcome, Folded):
                 folded.append(outcome)
                 log.debug("folded %s into %s", outcome.bn, outcome.producer)
@@ -113,12 +115,17 @@ def _folded(scope: Scope, plan: Plan, new_names: list[str]) -> Folded:
     )
 
 
-def try_fold(scope: Scope, bn: onnx.NodeProto) -> Folded | Skipped:
-    """Fold ``bn`` into the layer that produces its input, or say why not.
+def try_fold(
+    scope: Scope, bn: onnx.NodeProto, consumers: Mapping[str, Sequence[onnx.NodeProto]] | None = None
+) -> Folded | Skipped:
+    """Fold ``bn`` into the layer that produces its input, else forward into the layer it feeds,
+    or say why not.
 
-    Handles: Conv (any group, with/without bias), ConvTranspose (any group), Gemm (transB,
+    Backward: Conv (any group, with/without bias), ConvTranspose (any group), Gemm (transB,
     alpha, beta, C absent/scalar/(N,)/(1,N)), MatMul and MatMul->Add with a constant B, through
-    Identity/Dropout/Transpose/Reshape/Flatten/Squeeze/Unsqueeze (see :mod:`.paths`).
+    Identity/Dropout/Transpose/Reshape/Flatten/Squeeze/Unsqueeze (see :mod:`.paths`). Forward:
+    Gemm, MatMul, unpadded Conv (see :mod:`.forward`). The reason reported is the backward one,
+    unless nothing upstream could take the map and a layer downstream refused it.
     """
     label = bn_label(bn)
     out = bn.output[0]
@@ -132,16 +139,27 @@ def try_fold(scope: Scope, bn: onnx.NodeProto) -> Folded | Skipped:
         return skip(problem)
     axis_only = Source("batchnorm", label, bn.input[0], out, Affine(np.ones(1), np.zeros(1)), (bn,))
     found = find_layer(scope, axis_only)
-    if isinstance(found, Reject):
-        return skip(found)
-    layer, route = found
     source = bn_source(scope, bn)
     if isinstance(source, Reject):
-        return skip(Reject(source.reason, source.detail, layer))
-    plan = plan_into(scope, layer, route, source)
-    if isinstance(plan, Reject):
-        return skip(plan)
-    return _folded(scope, plan, apply(scope, plan))
+        return skip(found if isinstance(found, Reject) else Reject(source.reason, source.detail, found[0]))
+    backward = found if isinstance(found, Reject) else plan_into(scope, found[0], found[1], source)
+    if isinstance(backward, Plan):
+        return _folded(scope, backward, apply(scope, backward))
+    forward = _forward(scope, source, consumers)
+    if isinstance(forward, Plan):
+        return _folded(scope, forward, apply(scope, forward))
+    upstream_empty = backward.reason in (SkipReason.NO_PRODUCER, SkipReason.UNSUPPORTED_PRODUCER)
+    return skip(forward if forward is not None and upstream_empty else backward)
+
+
+def _forward(
+    scope: Scope, source: Source, consumers: Mapping[str, Sequence[onnx.NodeProto]] | None
+) -> Plan | Reject | None:
+    """The forward plan for ``source``, a refusal by the layer it feeds, or None (feeds none alone)."""
+    route = walk_forward(scope, source, consumers if consumers is not None else scope.consumers())
+    if route is None or isinstance(route, Reject):
+        return route
+    return plan_forward(scope, route, source)
 
 
 # Refusals of a Mul/Add chain that say something about the chain itself; other refusals (no
@@ -158,7 +176,9 @@ _CHAIN_REASONS = {
 }
 
 
-def try_fold_chain(scope: Scope, steps: list[Step]) -> Folded | Skipped | None:
+def try_fold_chain(
+    scope: Scope, steps: list[Step], consumers: Mapping[str, Sequence[onnx.NodeProto]] | None = None
+) -> Folded | Skipped | None:
     """Fold a chain of Mul/Add/Sub/Div by per-channel constants into the layer before it.
 
     Returns None when the chain is not a candidate (no absorbing layer before it, a MatMul
@@ -172,13 +192,15 @@ def try_fold_chain(scope: Scope, steps: list[Step]) -> Folded | Skipped | None:
     probe = Source(kind, label, steps[0].activation, out, Affine(np.ones(1), np.zeros(1)), (), axis=None)
     found = find_layer(scope, probe)
     if isinstance(found, Reject):
-        return None
+        return _chain_forward(scope, steps, consumers)
     layer, _ = found
     if kind == "bias add" and layer.op_type in ("MatMul", "Add"):
         return None
     if out in scope.index.exclude:
         return _skipped(scope, kind, label, out, Reject(SkipReason.EXCLUDED, "excluded by the caller"))
     source = chain_source(scope, steps)
+    if source is None:
+        return None
     if isinstance(source, Reject):
         return _skipped(scope, kind, label, out, Reject(source.reason, source.detail, layer))
     found = find_layer(scope, source)
@@ -189,3 +211,15 @@ def try_fold_chain(scope: Scope, steps: list[Step]) -> Folded | Skipped | None:
     if isinstance(plan, Reject):
         return _skipped(scope, kind, label, out, plan) if plan.reason in _CHAIN_REASONS else None
     return _folded(scope, plan, apply(scope, plan))
+
+
+def _chain_forward(
+    scope: Scope, steps: list[Step], consumers: Mapping[str, Sequence[onnx.NodeProto]] | None
+) -> Folded | None:
+    """A chain with no layer before it, folded forward into the layer it feeds when that is
+    exact; silent otherwise (input normalisation before a padded Conv is no fold candidate)."""
+    source = chain_source(scope, steps)
+    if not isinstance(source, Source):
+        return None
+    plan = _forward(scope, source, consumers)
+    return _folded(scope, plan, apply(scope, plan)) if isinstance(plan, Plan) else None

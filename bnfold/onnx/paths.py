@@ -50,7 +50,7 @@ def walk_back(scope: Scope, x: str, axis: int | None) -> Route | Reject:
     path: list[onnx.NodeProto] = []
     while True:
         node = scope.producer.get(x)
-        if node is None or not is_op(node, *LOOK_THROUGH) or not _passes(scope, node):
+        if node is None or not is_op(node, *LOOK_THROUGH) or not passes(scope, node):
             return Route(top=x, path=tuple(reversed(path)), axis=axis)
         if not scope.single_use(x):
             return Reject(
@@ -68,7 +68,7 @@ def walk_back(scope: Scope, x: str, axis: int | None) -> Route | Reject:
         x = node.input[0]
 
 
-def _passes(scope: Scope, node: onnx.NodeProto) -> bool:
+def passes(scope: Scope, node: onnx.NodeProto) -> bool:
     """Whether ``node`` only moves elements: Dropout only in inference with its mask unused."""
     if node.op_type != "Dropout":
         return True

@@ -97,3 +97,10 @@ class Plan:
     through: tuple[str, ...] = ()
     """Op types of the path between the layer and the source (reported)."""
     direction: str = "backward"
+    """``backward`` (the source's output is written by the chain's last node) or ``forward``
+    (the source sat before the layer: its consumers read its input instead, the ops in
+    ``renamed`` get fresh output names, and the chain's last node writes ``final``)."""
+    renamed: tuple[onnx.NodeProto, ...] = ()
+    """Forward: the look-through ops between the source and the layer, in data order."""
+    final: str = ""
+    """The name the chain's last node writes; "" means ``source.output``."""

@@ -50,8 +50,35 @@ def apply(scope: Scope, plan: Plan) -> list[str]:
     live = _insert_new_nodes(scope, plan)
     for node in (*plan.source.nodes, *plan.dead):
         kill(scope, node)
-    _rename_chain(scope, [live.get(node_id(n), n) for n in plan.chain], plan.source.output)
+    if plan.direction == "forward":
+        _bypass(scope, plan)
+    _rename_chain(scope, [live.get(node_id(n), n) for n in plan.chain], plan.final or plan.source.output)
     return created
+
+
+def _bypass(scope: Scope, plan: Plan) -> None:
+    """Forward: the source's reader reads its input instead; the looked-through ops between it and
+    the layer now carry other values, so their outputs get fresh names."""
+    ns = scope.ns
+    src = plan.source
+    readers = [*plan.renamed, plan.chain[0]]
+    old, new = src.output, src.input
+    for i, node in enumerate(readers):
+        for j, name in enumerate(node.input):
+            if name == old:
+                node.input[j] = new
+                ns.uses[old] -= 1
+                ns.uses[new] += 1
+        if i == len(readers) - 1:
+            break
+        old = node.output[0]
+        new = ns.fresh_name(f"{old}_bnfold")
+        node.output[0] = new
+        if old in ns.types:
+            ns.types.setdefault(new, ns.types[old])
+        scope.producer.pop(old, None)
+        scope.producer[new] = node
+        scope.stale_names.add(old)
 
 
 def _name_new_nodes(scope: Scope, plan: Plan) -> None:
@@ -101,12 +128,12 @@ def _rename_chain(scope: Scope, chain: list[onnx.NodeProto], final: str) -> None
         if old in ns.types:  # other values, same type and shape
             ns.types.setdefault(new, ns.types[old])
         if i < last:
-            ns.uses[new] += ns.uses[old]
-            ns.uses[old] = 0
             nxt = chain[i + 1]
             for j, name in enumerate(nxt.input):
                 if name == old:
                     nxt.input[j] = new
+                    ns.uses[old] -= 1
+                    ns.uses[new] += 1
         scope.producer.pop(old, None)
         scope.producer[new] = node
         scope.stale_names.add(old)

@@ -160,8 +160,10 @@ def chain_steps(
     return steps
 
 
-def chain_source(scope: Scope, steps: Sequence[Step]) -> Source | Reject:
-    """The chain as one affine map on its input's channel axis, or why it is not per-channel.
+def chain_source(scope: Scope, steps: Sequence[Step]) -> Source | Reject | None:
+    """The chain as one affine map on its input's channel axis, or why it is not per-channel;
+    None for a chain of scalars alone (``x * 0.5`` in a GELU, attention's ``* scale``: not a
+    BN-like structure, left as it is).
 
     Constants count as per-channel only when they vary along one axis once right-aligned with
     the input (``(1,C,1,1)``, ``(C,1,1)`` and ``(C,)`` on a rank-2 tensor: axis 1; ``(C,)`` on a
@@ -191,6 +193,8 @@ def chain_source(scope: Scope, steps: Sequence[Step]) -> Source | Reject:
             )
         axis, channels = varying[0], padded[varying[0]]
         last_vector = last_vector or (c.ndim == 1 and rank > 2)
+    if axis is None:
+        return None
     scale, shift = np.ones(channels), np.zeros(channels)
     for st in steps:
         c = np.asarray(st.constant, dtype=np.float64).reshape(-1)

@@ -71,7 +71,7 @@ CHAINS = {
         ("Sub", (1, 6, 1, 1), False),
         ("Mul", (), True),
     ],
-    "scalars": [("Mul", (), True), ("Add", (1, 1, 1, 1), True)],
+    "with-scalars": [("Mul", (), True), ("Add", (1, 6, 1, 1), True), ("Mul", (1, 1, 1, 1), True)],
 }
 
 
@@ -101,7 +101,7 @@ def test_negative_and_zero_scales_fold(rng):
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-@pytest.mark.parametrize("shape", [(1, 6, 1, 1), (6, 1, 1), ()], ids=["1c11", "c11", "scalar"])
+@pytest.mark.parametrize("shape", [(1, 6, 1, 1), (6, 1, 1)], ids=["1c11", "c11"])
 def test_bias_add_goes_into_the_conv_bias(rng, shape, bias):
     g = conv_then(rng, [("Add", shape, True), ("Sub", shape, True)], bias=bias)
     out = fold_checked(g, n_folded=1)
@@ -110,6 +110,18 @@ def test_bias_add_goes_into_the_conv_bias(rng, shape, bias):
     assert f.source == "bias add"
     w = next(t for t in out.graph.initializer if t.name == "W")
     assert numpy_helper.to_array(w).tolist() == numpy_helper.to_array(g.inits[0]).tolist(), "weight untouched"
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [[("Mul", (), True), ("Add", (1, 1, 1, 1), True)], [("Add", (), True)], [("Div", (), True)]],
+    ids=["mul-add", "add", "div"],
+)
+def test_chains_of_scalars_alone_are_left_alone(rng, chain):
+    """``x * 0.5`` (GELU), attention's ``* scale``: not BN-like; nothing folded, nothing reported."""
+    model = conv_then(rng, chain).model()
+    result = fold_onnx(model)
+    assert not result.report.folded and not result.report.skipped and result.model == model
 
 
 def test_dense_mul_add_with_vector_constants_folds(rng):

@@ -31,6 +31,9 @@ EXPECTED: dict[str, tuple[dict[str, int], dict[str, list[str]], tuple[str, ...]]
     ),
     "paddle2onnx-identity-bn": ({"batchnorm": 3, "bias add": 2}, {}, ("BatchNormalization",)),
     "conv-bias-add": ({"bias add": 2}, {}, ("Add",)),
+    "arcface-head": ({"batchnorm": 2}, {}, ("BatchNormalization",)),
+    "tabular-bn-first": ({"batchnorm": 1}, {}, ("BatchNormalization",)),
+    "mxnet-bn-data": ({"batchnorm": 2}, {"batchnorm": ["forward-padding"]}, ()),
     "trap-mul-last-axis": ({}, {"mul-add chain": ["constant-on-last-axis"]}, ()),
     "trap-grouped-add-chw": ({}, {"bias add": ["not-per-channel"]}, ()),
     "trap-div-by-zero": ({}, {"mul-add chain": ["division-by-zero"]}, ()),
@@ -79,3 +82,13 @@ def test_converter_folds_survive_the_verifying_fold(name):
     result = fold_onnx(converters.build(name), verify=True, inputs=feeds_for(name))
     assert result.verification.passed
     assert len(result.report.folded) == folds, result.report.skipped
+
+
+def test_forward_folds_are_reported_as_forward():
+    """arcface: features folds backward into the Gemm, bn2 forward through the Flatten into it."""
+    report = fold_onnx(converters.build("arcface-head")).report
+    got = {f.bn: (f.direction, f.through, f.producer_op) for f in report.folded}
+    assert got == {
+        "/features/BatchNormalization": ("backward", (), "Gemm"),
+        "/bn2/BatchNormalization": ("forward", ("Flatten",), "Gemm"),
+    }
