@@ -32,6 +32,7 @@ import typer
 
 from bnfold.cli import junit
 from bnfold.cli.console import Ui, one_line, print_error, stdout_to_stderr
+from bnfold.cli.names import check_shape_names
 from bnfold.cli.options import (
     AtolOption,
     DebugOption,
@@ -136,6 +137,10 @@ def check_command(
             )
         if not os.path.isfile(against):
             raise InputError(f"{against}: {'is a directory' if os.path.isdir(against) else 'no such file'}")
+        if shape:
+            from bnfold.onnx.io import load_model
+
+            check_shape_names(load_model(against, lazy=True), shapes_of(shape) or {}, path=against)
     from bnfold.verify import VerifyOptions
 
     options = CheckOptions(

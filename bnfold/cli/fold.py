@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from bnfold.cli.console import Ui, one_line, stdout_to_stderr
-from bnfold.cli.names import exclude_outputs
+from bnfold.cli.names import check_shape_names, exclude_outputs
 from bnfold.cli.options import (
     AtolOption,
     DebugOption,
@@ -228,6 +228,7 @@ def fold_onnx_request(req: FoldRequest, *, progress: Callable[[str], None]) -> F
     model = load_model(req.source, lazy=True)
     before = model_stats(model, req.source)
     exclude = exclude_outputs(model, req.exclude, path=req.source)
+    check_shape_names(model, req.options.shapes or {}, path=req.source)
     del model
     in_place = same_file(req.source, req.output)
     try:

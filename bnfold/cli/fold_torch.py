@@ -12,14 +12,21 @@ from typing import Any
 from bnfold.cli.request import FoldRequest, not_written, written
 from bnfold.cli.results import FoldOutcome
 from bnfold.cli.stats import stats_for_path
-from bnfold.errors import InputError, VerificationError
+from bnfold.cli.versions import install_command
+from bnfold.errors import InputError, MissingDependencyError, VerificationError
 
 
 def fold_torch(req: FoldRequest, *, progress: Callable[[str], None]) -> FoldOutcome:
     """Run a PyTorch fold request; a failed verification is an outcome, not an exception."""
     import bnfold.torch as bt
 
-    bt.require_torch()
+    try:
+        bt.require_torch()
+    except MissingDependencyError:
+        raise MissingDependencyError(
+            f"{req.source}: PyTorch inputs need torch: {install_command('torch')} "
+            "(README: Choosing your torch)"
+        ) from None
     start = time.perf_counter()
     if req.factory is not None:
         progress(f"building {req.factory}()")

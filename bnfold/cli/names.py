@@ -1,10 +1,11 @@
-"""``--exclude NAME``: the names people see in reports (BN node names, or
-``BatchNormalization(OUT)`` for an unnamed one) and the tensor names the pass takes (a BN's
-output), both accepted; a name that is no BatchNormalization is a usage error."""
+"""Names on the command line checked against the model, in the command line's words:
+``--exclude NAME`` (the names people see in reports: BN node names, or ``BatchNormalization(OUT)``
+for an unnamed one, and the tensor names the pass takes: a BN's output; a name that is no
+BatchNormalization is a usage error) and ``--shape NAME=...`` (an input of the model)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import onnx
 import typer
@@ -40,3 +41,15 @@ def exclude_outputs(model: onnx.ModelProto, names: Sequence[str], *, path: str) 
                 f"{path} has no BatchNormalization node or output named '{name}'", param_hint="--exclude"
             )
     return tuple(dict.fromkeys(out))
+
+
+def check_shape_names(model: onnx.ModelProto, names: Iterable[str], *, path: str) -> None:
+    """Refuse a ``--shape`` for a name that is not one of the model's inputs."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    for name in names:
+        if name not in inputs:
+            listed = ", ".join(inputs) if inputs else "none"
+            raise typer.BadParameter(
+                f"'{name}' is not an input of {path} (its inputs: {listed})", param_hint="--shape"
+            )

@@ -4,6 +4,8 @@ read from the installed distributions' metadata, so nothing heavy is imported.""
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import urllib.parse
 
 
 def bnfold_version() -> str:
@@ -23,3 +25,20 @@ def versions_line() -> str:
             if dist != "torch":
                 parts.append(f"{dist} missing")
     return f"bnfold {bnfold_version()} ({', '.join(parts)})"
+
+
+def install_command(extra: str) -> str:
+    """How to add ``extra`` to this installation, in the form that works for it:
+    ``pip install 'bnfold[torch]'`` from an index, ``pip install -e '/src/bnfold[torch]'`` for a
+    source checkout installed with ``-e`` (where ``bnfold[torch]`` would fetch another copy)."""
+    try:
+        direct = importlib.metadata.distribution("bnfold").read_text("direct_url.json")
+        info = json.loads(direct) if direct else {}
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        info = {}
+    url = info.get("url", "") if isinstance(info, dict) else ""
+    if url.startswith("file://"):
+        path = urllib.parse.unquote(urllib.parse.urlparse(url).path)
+        editable = "-e " if info.get("dir_info", {}).get("editable") else ""
+        return f"pip install {editable}'{path}[{extra}]'"
+    return f"pip install 'bnfold[{extra}]'"

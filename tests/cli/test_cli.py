@@ -477,7 +477,11 @@ def test_torch_input_without_torch_says_how_to_install(
     before = snapshot(tmp_path)
     result = runner.invoke(app, [str(tmp_path / "m.pt2"), "-o", str(tmp_path / "f.onnx")])
     assert result.exit_code == 2
-    assert_one_error_line(result.stderr, "pip install 'bnfold[torch]'")
+    from bnfold.cli.versions import install_command
+
+    assert_one_error_line(
+        result.stderr, "m.pt2", "PyTorch inputs need torch", install_command("torch"), "[torch]'"
+    )
     assert snapshot(tmp_path) == before
 
 

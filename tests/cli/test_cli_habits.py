@@ -313,3 +313,42 @@ def test_results_and_errors_have_precise_types() -> None:
         type(None),
     }
     assert set(typing.get_args(init["report"])) == {report.VerifyReport, type(None)}
+
+
+@pytest.mark.parametrize(
+    ("direct_url", "expected"),
+    [
+        (None, "pip install 'bnfold[torch]'"),
+        (
+            '{"url": "file:///src/bn%20fold", "dir_info": {"editable": true}}',
+            "pip install -e '/src/bn fold[torch]'",
+        ),
+        ('{"url": "file:///src/bnfold", "dir_info": {}}', "pip install '/src/bnfold[torch]'"),
+        ('{"url": "https://example.org/bnfold.tar.gz", "archive_info": {}}', "pip install 'bnfold[torch]'"),
+    ],
+    ids=["index", "editable-checkout", "local-dir", "url"],
+)
+def test_install_hint_matches_how_bnfold_was_installed(
+    monkeypatch: pytest.MonkeyPatch, direct_url: str | None, expected: str
+) -> None:
+    """Issue 11: a source checkout was told `pip install 'bnfold[torch]'`, which fetches another bnfold."""
+    import importlib.metadata
+
+    from bnfold.cli.versions import install_command
+
+    class Dist:
+        def read_text(self, name: str) -> str | None:
+            return direct_url if name == "direct_url.json" else None
+
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist())
+    assert install_command("torch") == expected
+
+
+def test_shape_for_a_name_the_model_lacks_speaks_cli_words(model: Path) -> None:
+    """Issue 11: the verifier's 'shapes names unknown input(s) [...]' reached the user."""
+    result = runner.invoke(
+        app, [str(model), "-o", str(model.with_name("f.onnx")), "--shape", "input=1x3x8x8"]
+    )
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "--shape", "'input' is not an input of", "m.onnx", "its inputs: x")
+    assert "shapes names" not in result.stderr
