@@ -19,6 +19,7 @@ import onnx
 from ..fold_math import Affine
 from ..report import Folded, FoldReport, Skipped, SkipReason
 from .absorb import find_layer, plan_into
+from .concat import is_concat, plan_concat
 from .forward import plan_forward, walk_forward
 from .graph import ModelIndex, Scope, collect_scopes, node_id, walk_graphs
 from .plan import Plan, Reject, Source
@@ -143,6 +144,8 @@ def try_fold(
     if isinstance(source, Reject):
         return skip(found if isinstance(found, Reject) else Reject(source.reason, source.detail, found[0]))
     backward = found if isinstance(found, Reject) else plan_into(scope, found[0], found[1], source)
+    if isinstance(backward, Reject) and is_concat(backward.node):
+        backward = plan_concat(scope, source) or backward
     if isinstance(backward, Plan):
         return _folded(scope, backward, apply(scope, backward))
     forward = _forward(scope, source, consumers)

@@ -104,3 +104,6 @@ class Plan:
     """Forward: the look-through ops between the source and the layer, in data order."""
     final: str = ""
     """The name the chain's last node writes; "" means ``source.output``."""
+    branches: tuple[Plan, ...] = ()
+    """A split fold (BN after a Concat): one plan per Concat input, each applied first; every
+    branch's chain writes a fresh name that the Concat (``chain[0]``) reads instead."""

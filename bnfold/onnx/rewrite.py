@@ -17,6 +17,7 @@ by deleting elements one at a time (quadratic on 50k-node graphs).
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,29 @@ from .plan import Plan
 
 def apply(scope: Scope, plan: Plan) -> list[str]:
     """Execute ``plan`` in ``scope``; returns the names of the initializers it created."""
+    created: list[str] = []
+    for branch in plan.branches:
+        created += _apply_branch(scope, branch, plan.chain[0])
+    created += _apply_one(scope, plan)
+    return created
+
+
+def _apply_branch(scope: Scope, branch: Plan, joiner: onnx.NodeProto) -> list[str]:
+    """One part of a split fold: its chain's output changes values, so it gets a fresh name,
+    which ``joiner`` (the Concat) reads in place of the old one."""
+    old = branch.source.output
+    fresh = scope.ns.fresh_name(f"{old}_bnfold")
+    created = _apply_one(scope, replace(branch, final=fresh))
+    for j, name in enumerate(joiner.input):
+        if name == old:
+            joiner.input[j] = fresh
+            scope.ns.uses[old] -= 1
+            scope.ns.uses[fresh] += 1
+    scope.stale_names.add(old)
+    return created
+
+
+def _apply_one(scope: Scope, plan: Plan) -> list[str]:
     _name_new_nodes(scope, plan)
     chain_ids = {node_id(n) for n in plan.chain}
     touched = [v.node for v in plan.values] + [a[0] for a in plan.attrs] + [n for n, _ in plan.new_nodes]

@@ -34,6 +34,8 @@ EXPECTED: dict[str, tuple[dict[str, int], dict[str, list[str]], tuple[str, ...]]
     "arcface-head": ({"batchnorm": 2}, {}, ("BatchNormalization",)),
     "tabular-bn-first": ({"batchnorm": 1}, {}, ("BatchNormalization",)),
     "mxnet-bn-data": ({"batchnorm": 2}, {"batchnorm": ["forward-padding"]}, ()),
+    "mixnet-concat-bn": ({"batchnorm": 1}, {}, ("BatchNormalization",)),
+    "trap-concat-branch-shared": ({}, {"batchnorm": ["producer-output-shared"]}, ()),
     "trap-mul-last-axis": ({}, {"mul-add chain": ["constant-on-last-axis"]}, ()),
     "trap-grouped-add-chw": ({}, {"bias add": ["not-per-channel"]}, ()),
     "trap-div-by-zero": ({}, {"mul-add chain": ["division-by-zero"]}, ()),
