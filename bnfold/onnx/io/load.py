@@ -35,7 +35,6 @@ from .external import (
     Source,
     external_ref,
     file_stamp,
-    is_external,
     mark_model,
     model_tensors,
     payload_span,
@@ -45,7 +44,7 @@ from .external import (
     set_embedded,
     unmark_model,
 )
-from .tensors import check_header, check_length
+from .tensors import check_tensor
 from .validate import check_names
 from .wire import (
     F_GRAPH_INITIALIZER,
@@ -224,6 +223,8 @@ def _release(mm: mmap.mmap, released: int, upto: int) -> int:
 
 
 def _lazy_tensor(mm: mmap.mmap, start: int, end: int, location: bytes) -> bytes:
+    if end - start < LAZY_THRESHOLD:  # too small to hold a payload worth a stub: kept as it is
+        return mm[start:end]
     raw_spans: list[tuple[int, int, int]] = []
     external = False
     for number, wire_type, field_start, value_start, value_end in iter_fields(mm, start, end):
@@ -267,24 +268,21 @@ def _check_tensors(
 
     if lazy:  # main-graph initializers: stubs and external references stay; small ones are cheap
         for tensor in model.graph.initializer:
-            check_header(tensor, path)
-            if not is_external(tensor):
-                if tensor.HasField("raw_data"):
-                    check_length(tensor, len(tensor.raw_data), path)
+            if tensor.data_location != EXTERNAL:
+                check_tensor(tensor, path)
                 continue
             _, _, length, ref = span(tensor)
-            check_length(tensor, length, path, "its external data" if ref.source is None else "its data")
+            check_tensor(tensor, path, length, "its external data" if ref.source is None else "its data")
     for tensor in model_tensors(model, main_initializers=not lazy):
-        check_header(tensor, path)
-        if tensor.HasField("raw_data"):  # a transient copy of the bytes: one tensor at a time
-            check_length(tensor, len(tensor.raw_data), path)
-        if not is_external(tensor):
+        if tensor.data_location != EXTERNAL:
+            check_tensor(tensor, path)
             continue
         if tensor.HasField("raw_data"):  # onnx's half-converted state: the data is still here
+            check_tensor(tensor, path)
             if external_ref(tensor, path).source is not None:
                 raise reserved_error(tensor, path, "location")
             continue
         file_path, offset, length, _ = span(tensor)
-        check_length(tensor, length, path, "its external data")
+        check_tensor(tensor, path, length, "its external data")
         if load or lazy:  # lazy: everything outside the main graph's initializers is embedded
             set_embedded(tensor, read_bytes(file_path, offset, length))

@@ -9,6 +9,8 @@ externally -- is an :class:`~bnfold.errors.InputError` with one line, never a ``
 from __future__ import annotations
 
 import math
+import operator
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -45,94 +47,113 @@ _BITS = {
 """Element types packed below one byte: raw data holds ``ceil(count * bits / 8)`` bytes."""
 
 _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+_typed_fields = operator.attrgetter(*_TYPED_FIELDS)
+
+
+@dataclass(frozen=True)
+class _Type:
+    """What an element type needs: its numpy dtype, bits per element below a byte, typed field."""
+
+    dtype: np.dtype
+    bits: int
+    field: int
+    """Index into :data:`_TYPED_FIELDS`."""
+    per_value: int
+    """Typed values per element: 2 for complex numbers, else 1."""
+
+
+def _type_table() -> dict[int, _Type]:
+    table = {}
+    for name, number in onnx.TensorProto.DataType.items():
+        if number == onnx.TensorProto.UNDEFINED:
+            continue
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(number))
+            field = _TYPED_FIELDS.index(onnx.helper.tensor_dtype_to_field(number))
+        except (KeyError, ValueError, TypeError):  # pragma: no cover - a type onnx cannot convert
+            continue
+        table[number] = _Type(dtype, _BITS.get(number, 0), field, 2 if name.startswith("COMPLEX") else 1)
+    return table
+
+
+_TYPES = _type_table()
 
 
 def tensor_dtype(tensor: onnx.TensorProto, where: str) -> np.dtype:
     """The numpy dtype of ``tensor``'s element type; InputError for UNDEFINED or unknown ones."""
-    name = tensor.name or "<tensor>"
-    try:
-        if tensor.data_type == onnx.TensorProto.UNDEFINED:
-            raise KeyError(0)
-        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-    except (KeyError, ValueError, TypeError):
-        raise InputError(f"{where}: tensor '{name}' has unknown data type {tensor.data_type}") from None
+    info = _TYPES.get(tensor.data_type)
+    if info is None:
+        raise InputError(
+            f"{where}: tensor '{tensor.name or '<tensor>'}' has unknown data type {tensor.data_type}"
+        )
+    return info.dtype
 
 
 def element_count(tensor: onnx.TensorProto, where: str) -> int:
     """The number of elements ``tensor``'s dims declare; InputError for negative or absurd dims."""
-    dims = list(tensor.dims)
-    if any(d < 0 for d in dims):
-        raise InputError(f"{where}: tensor '{tensor.name}' has negative dimensions {dims}")
+    dims = tensor.dims
+    if dims and min(dims) < 0:
+        raise InputError(f"{where}: tensor '{tensor.name}' has negative dimensions {list(dims)}")
     count = math.prod(dims)
     if count > MAX_ELEMENTS:
         raise InputError(
-            f"{where}: tensor '{tensor.name}' declares {count} elements (dims {dims}); too large"
+            f"{where}: tensor '{tensor.name}' declares {count} elements (dims {list(dims)}); too large"
         )
     return count
 
 
-def payload_bytes(tensor: onnx.TensorProto, dtype: np.dtype, count: int) -> int:
-    """How many raw bytes ``count`` elements of ``tensor``'s type take."""
-    bits = _BITS.get(tensor.data_type)
-    if bits is not None:
-        return (count * bits + 7) // 8
-    return count * dtype.itemsize
+def check_tensor(
+    tensor: onnx.TensorProto, where: str, length: int | None = None, what: str = "its data"
+) -> None:
+    """Refuse a malformed TensorProto: an unknown type, negative or absurd dims, a segment, raw
+    and typed data at once, or data (``length`` bytes in a file, else the embedded raw or typed
+    values) that does not match the dims.
 
-
-def check_length(tensor: onnx.TensorProto, length: int, where: str, what: str = "its data") -> None:
-    """Refuse a raw payload of ``length`` bytes that does not match the declared type and shape."""
-    dtype = tensor_dtype(tensor, where)
-    count = element_count(tensor, where)
-    if tensor.data_type == onnx.TensorProto.STRING:
-        raise InputError(
-            f"{where}: tensor '{tensor.name}' is a string tensor with raw bytes, which ONNX forbids"
-        )
-    needed = payload_bytes(tensor, dtype, count)
-    if needed != length:
-        shape = tuple(tensor.dims)
-        raise InputError(
-            f"{where}: tensor '{tensor.name}' of shape {shape} and type {dtype} needs "
-            f"{needed} bytes but {what} holds {length}"
-        )
-
-
-def _typed_values(tensor: onnx.TensorProto, count: int) -> tuple[str, int]:
-    """The typed field that holds ``tensor``'s values and how many it must hold (-1: unknown)."""
-    field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
-    if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
-        return field, 2 * count
-    bits = _BITS.get(tensor.data_type)
-    if bits is None:
-        return field, count
-    if 8 % bits:
-        return field, -1  # 6-bit types: onnx's packing into int32_data is not fixed
-    return field, -(-count * bits // 8)  # packed, one byte of values per int32
-
-
-def check_header(tensor: onnx.TensorProto, where: str) -> None:
-    """The checks that read no payload: a known type, sane dims, not raw and typed at once, and
-    as many typed values as the dims need."""
-    tensor_dtype(tensor, where)
+    Called for every tensor a load sees, so it reads each field once and calls little.
+    """
+    info = _TYPES.get(tensor.data_type)
+    if info is None:
+        tensor_dtype(tensor, where)
     count = element_count(tensor, where)
     if tensor.HasField("segment"):
         raise InputError(
             f"{where}: tensor '{tensor.name}' is a segment of a tensor, which bnfold does not read"
         )
-    typed = [f for f in _TYPED_FIELDS if len(getattr(tensor, f))]
-    if tensor.HasField("raw_data") or is_external(tensor):
-        if typed:
+    typed = _typed_fields(tensor)
+    raw = tensor.HasField("raw_data")
+    if raw or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if any(map(len, typed)):
             raise InputError(
                 f"{where}: tensor '{tensor.name}' has both raw and typed data (which one holds the values?)"
             )
+        if length is None and raw:
+            length = len(tensor.raw_data)  # a transient copy of a small tensor's bytes
+        if length is not None:
+            _check_raw(tensor, info, count, length, where, what)
         return
-    field, needed = _typed_values(tensor, count)
-    stray = [f for f in typed if f != field]
-    held = len(getattr(tensor, field))
+    needed = count * info.per_value
+    if info.bits:
+        needed = -1 if 8 % info.bits else -(-count * info.bits // 8)  # one byte of values per int32
+    held = len(typed[info.field])
+    stray = [f for f, values in zip(_TYPED_FIELDS, typed) if len(values) and f != _TYPED_FIELDS[info.field]]
     if stray or (needed >= 0 and held != needed):
         also = f" (and values in {', '.join(stray)})" if stray else ""
         raise InputError(
             f"{where}: tensor '{tensor.name}' of shape {tuple(tensor.dims)} needs {needed} values "
-            f"in {field} but holds {held}{also}"
+            f"in {_TYPED_FIELDS[info.field]} but holds {held}{also}"
+        )
+
+
+def _check_raw(tensor: onnx.TensorProto, info: _Type, count: int, length: int, where: str, what: str) -> None:
+    if tensor.data_type == onnx.TensorProto.STRING:
+        raise InputError(
+            f"{where}: tensor '{tensor.name}' is a string tensor with raw bytes, which ONNX forbids"
+        )
+    needed = (count * info.bits + 7) // 8 if info.bits else count * info.dtype.itemsize
+    if needed != length:
+        raise InputError(
+            f"{where}: tensor '{tensor.name}' of shape {tuple(tensor.dims)} and type {info.dtype} needs "
+            f"{needed} bytes but {what} holds {length}"
         )
 
 
@@ -145,17 +166,15 @@ def read_array(tensor: onnx.TensorProto, base_dir: str | None = None) -> np.ndar
     """
     name = tensor.name or "<tensor>"
     where = f"tensor '{name}'"
-    check_header(tensor, where)
-    if is_external(tensor) and not tensor.HasField("raw_data"):
-        return _read_external(tensor, base_dir, where)
-    if tensor.HasField("raw_data"):
-        check_length(tensor, len(tensor.raw_data), where)
-        if is_external(tensor):  # onnx's half-converted state: the data is still here
-            copy = onnx.TensorProto()
-            copy.CopyFrom(tensor)
-            del copy.external_data[:]
-            copy.ClearField("data_location")
-            tensor = copy
+    check_tensor(tensor, where)
+    if is_external(tensor):
+        if not tensor.HasField("raw_data"):
+            return _read_external(tensor, base_dir, where)
+        copy = onnx.TensorProto()  # onnx's half-converted state: the data is still here
+        copy.CopyFrom(tensor)
+        del copy.external_data[:]
+        copy.ClearField("data_location")
+        tensor = copy
     try:
         return numpy_helper.to_array(tensor)
     except (ValueError, TypeError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as err:
@@ -170,7 +189,7 @@ def _read_external(tensor: onnx.TensorProto, base_dir: str | None, where: str) -
     dtype = tensor_dtype(tensor, where)
     shape = tuple(int(d) for d in tensor.dims)
     count = element_count(tensor, where)
-    check_length(tensor, length, path, "its external data")
+    check_tensor(tensor, path, length, "its external data")
     if tensor.data_type in _BITS:
         tmp = onnx.TensorProto()
         tmp.CopyFrom(tensor)
