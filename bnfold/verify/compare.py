@@ -28,7 +28,7 @@ The calibrated noise
     (per tensor for outputs), in the same sample. ``NOISE_FACTOR`` is 8: on 8 seeds each of a
     YOLO-shaped head and a visformer-shaped attention stack (tests/verify/noise_models.py) and
     the zoo, a factor of 3 clears every correct fold (0 gives the old rule: 15 of 31 models
-    failed); the verification power suite catches the same 195 of 195 faults, 163 at runtime,
+    failed); the verification power suite catches the same 200 of 200 faults, 167 at runtime,
     with the factor at 0, 8 or 16, since a fault shows at its own fold point where the noise is
     ~1e-7. Reported as ``TensorDiff.noise`` (relative to the scale, like ``max_rel``).
 
@@ -52,14 +52,14 @@ Default tolerances (``atol`` is 0 for every float type: the scale already carrie
     ========  =====  ==================================================================
 
 What the float32 defaults catch, and what they cannot
-    The runtime comparison (tests/test_verify_power.py, 195 faults on the zoo) catches two
+    The runtime comparison (tests/verify/test_verify_power.py, 200 faults on the zoo) catches two
     channels swapped, a training-mode BN folded with running statistics, one channel's bias
-    off by 1e-3 of its magnitude, ``epsilon`` dropped when it is 1e-3, and 37 of 39 weights
+    off by 1e-3 of its magnitude, ``epsilon`` dropped when it is 1e-3, and 38 of 40 weights
     off by 1e-3 in one channel (the other two moved their channel by 1e-6 and 5.6e-5: its
     values come mostly from the bias). It cannot see ``epsilon`` dropped when it is the ONNX
     default 1e-5: that changes ``1/sqrt(var+eps)`` by ``eps/(2 var)``, 5.9e-6 to 2.7e-5 of
     the channel measured, under rtol (float64 models catch it). The weights check catches all
-    195, including those. A channel quieter than 10% of its tensor's peak is judged against
+    200, including those. A channel quieter than 10% of its tensor's peak is judged against
     that 10%: a 1e-3 error is seen down to channels at ~1% of the peak.
     Where a BN's input is far larger than its output (``|mean| * gamma/sqrt(var)`` >>
     ``|y|``), the unfolded reference itself loses digits in ``x - mean`` and a correct fold

@@ -8,9 +8,12 @@ candidate's stored values, independent of any input.
 
 A fold point is a tensor name ``y`` that the reference computes as
 ``BatchNormalization(P(x, W, b))`` and the candidate as ``P'(x, W', b')``, where P and P' are
-the same Conv, ConvTranspose or Gemm (or P is a MatMul and P' the Gemm the pass turns it
-into), reading the same ``x``, with the same attributes (Gemm's ``beta`` aside), and all
-weights and BN parameters constant. A fold alias counts too: the candidate's ``P'`` writes the
+the same Conv, ConvTranspose or Gemm (or P is a MatMul, or a MatMul followed by an Add of a
+constant bias, and P' the same or a plain Gemm), reading the same ``x``, with the same
+attributes (Gemm's ``beta`` aside), and all weights and BN parameters constant. The same
+Identity, Dropout or Transpose ops may stand between P and the BN in both models: the BN's
+channel axis is followed back through them and must be P's output-channel axis. A fold alias
+counts too: the candidate's ``P'`` writes the
 name of ``P``'s output ``c`` and the BN's output is gone (onnxsim and onnxoptimizer fold that
 way); the check is reported under the BN's output name. With ``s = gamma / sqrt(var + eps)`` and
 ``t = beta - mean * s`` computed in float64 (:mod:`bnfold.fold_math`, the same arithmetic
@@ -30,8 +33,9 @@ A candidate that folds a BN the reference runs in training mode (``training_mode
 ``is_test=0`` at opset <= 6, statistics outputs declared at opset < 14) or with
 ``spatial=0`` fails outright: no constant weights reproduce batch or per-element statistics.
 
-Fold points the check cannot model (MatMul -> Add folds, different inputs or attributes,
-weights computed at run time, bfloat16 weights, per-row Gemm ``C``) are left to the runtime
+Fold points the check cannot model (Reshape/Flatten/Squeeze on the path, different inputs or
+attributes, weights computed at run time, bfloat16 weights, per-row biases, affine chains that
+were never a BN) are left to the runtime
 comparison; :func:`check_weights` skips them and logs why at debug level.
 """
 
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +64,8 @@ WEIGHT_ULPS = 4
 """Tolerance of the weights check in units of the weight dtype's machine epsilon."""
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_ABSORBERS = ("Conv", "ConvTranspose", "Gemm")
+_PATHS = ("Identity", "Dropout", "Transpose")
+"""Shape-only ops a fold looks through that keep the channel axis computable without shapes."""
 _DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -91,26 +97,22 @@ def check_weights(
     ref_scope = main_scope(reference, reference_dir)
     cand_scope = main_scope(candidate, candidate_dir)
     opset = ref_scope.index.opset
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in reference.graph.node:
-        for i in set(n.input):
-            readers.setdefault(i, []).append(n)
-    cand_names = {o for n in candidate.graph.node for o in n.output}
+    readers = Counter(i for n in reference.graph.node for i in n.input if i)
     checks = []
-    for node in candidate.graph.node:
-        if node.domain not in _DEFAULT_DOMAINS or node.op_type not in _ABSORBERS or not node.output:
+    for bn in reference.graph.node:
+        if not _is_bn(bn) or not bn.input or not bn.input[0]:
             continue
-        y = node.output[0]
-        bn = ref_scope.producer.get(y)
-        if not _is_bn(bn):  # a fold alias: the layer kept its name, the BN reading it is gone
-            after = readers.get(y, [])
-            if not (len(after) == 1 and _is_bn(after[0]) and after[0].input[0] == y):
-                continue
-            if after[0].output[0] in cand_names:
-                continue
-            bn = after[0]
+        y, x = bn.output[0], bn.input[0]
+        if y in cand_scope.producer:
+            start = y
+        elif x in cand_scope.producer and readers[x] == 1:  # a fold alias: the layer kept its name
+            start = x
+        else:
+            continue
+        if _is_bn(cand_scope.producer[start]):
+            continue  # not folded
         try:
-            checks.append(_check_one(ref_scope, cand_scope, opset, bn, node, atol, rtol))
+            checks.append(_check_one(ref_scope, cand_scope, opset, bn, start, atol, rtol))
         except _Skip as e:
             log.debug("fold point %r not checked statically: %s", y, e)
         finally:  # weights can be large: keep none of them between fold points
@@ -140,41 +142,102 @@ def _input(node: onnx.NodeProto, i: int) -> str:
     return node.input[i] if len(node.input) > i else ""
 
 
-def _layout(ref: onnx.NodeProto, cand: onnx.NodeProto) -> tuple[int, int]:
-    """The weight's (output-channel axis, groups), once both nodes are known to compute alike."""
-    ra, ca = _attrs(ref), _attrs(cand)
-    if ref.op_type == "MatMul":
-        if cand.op_type != "Gemm" or any(
-            ca.get(k, d) != d for k, d in (("alpha", 1.0), ("transA", 0), ("transB", 0))
-        ):
-            raise _Skip("a MatMul folded into something other than a plain Gemm")
-        return 1, 1
-    if ref.op_type != cand.op_type:
-        raise _Skip(f"{ref.op_type} in the reference, {cand.op_type} in the candidate")
-    if ref.op_type == "Gemm":
+@dataclass(frozen=True)
+class _Layer:
+    """The layer that computes a fold point (looked back to through shape-only ops)."""
+
+    node: onnx.NodeProto
+    """Conv, ConvTranspose, Gemm or MatMul."""
+    bias: str
+    """The name of its bias (Gemm's C, the constant of the Add after a MatMul), or ""."""
+    axis: int
+    """The axis of the BN's channels in the layer's output, followed back through the paths."""
+    rank: int | None
+    """The rank of that output, when a path tells it."""
+    paths: tuple[onnx.NodeProto, ...]
+
+
+def _layer(scope: Scope, name: str) -> _Layer:
+    """The layer writing ``name``: through Identity/Dropout/Transpose (the channel axis followed
+    back), then Conv/ConvTranspose/Gemm/MatMul, or an Add of a constant after a MatMul."""
+    axis, rank, paths = 1, None, []
+    node = scope.producer.get(name)
+    while node is not None and node.domain in _DEFAULT_DOMAINS and node.op_type in _PATHS:
+        if node.op_type == "Transpose":
+            perm = _attrs(node).get("perm")
+            if perm is None:
+                raise _Skip("a Transpose without perm on the path")
+            axis, rank = int(perm[axis]), len(perm)
+        paths.append(node)
+        node = scope.producer.get(node.input[0])
+    if node is None or node.domain not in _DEFAULT_DOMAINS:
+        raise _Skip(f"no layer writes {name!r}")
+    bias = ""
+    if node.op_type == "Add":
+        layer = next(
+            (scope.producer.get(i) for i in node.input if _is_op(scope.producer.get(i), "MatMul")), None
+        )
+        if layer is None:
+            raise _Skip("an Add that follows no MatMul")
+        bias = next(i for i in node.input if i != layer.output[0])
+        node = layer
+    elif node.op_type in ("Conv", "ConvTranspose", "Gemm"):
+        bias = _input(node, 2)
+    elif node.op_type != "MatMul":
+        raise _Skip(f"the fold point follows {node.op_type}")
+    return _Layer(node, bias, axis, rank, tuple(paths))
+
+
+def _is_op(node: onnx.NodeProto | None, op: str) -> bool:
+    return node is not None and node.op_type == op and node.domain in _DEFAULT_DOMAINS
+
+
+def _layout(ref: _Layer, cand: _Layer, w_ndim: int) -> tuple[int, int]:
+    """The weight's (output-channel axis, groups), once both layers are known to compute alike."""
+    if [(p.op_type, _attrs(p)) for p in ref.paths] != [(p.op_type, _attrs(p)) for p in cand.paths]:
+        raise _Skip("the layers are followed by different shape ops")
+    if _input(ref.node, 0) != _input(cand.node, 0):
+        raise _Skip("the layers read different inputs")
+    r, c = ref.node, cand.node
+    ra, ca = _attrs(r), _attrs(c)
+    plain = all(ca.get(k, d) == d for k, d in (("alpha", 1.0), ("transA", 0), ("transB", 0)))
+    if r.op_type == "MatMul":
+        if c.op_type == "MatMul" or (c.op_type == "Gemm" and plain):
+            rank = ref.rank if ref.rank is not None else 2  # BN reads a MatMul output directly: rank 2
+            if ref.axis != rank - 1:
+                raise _Skip("the BN's channel axis is not the MatMul's output columns")
+            return w_ndim - 1, 1
+        raise _Skip(f"a MatMul in the reference, {c.op_type} in the candidate")
+    if r.op_type != c.op_type:
+        raise _Skip(f"{r.op_type} in the reference, {c.op_type} in the candidate")
+    if ref.axis != 1:
+        raise _Skip(f"the BN's channel axis is axis {ref.axis} of the {r.op_type}'s output")
+    if r.op_type == "Gemm":
         for key, default in (("alpha", 1.0), ("transA", 0), ("transB", 0)):
             if ra.get(key, default) != ca.get(key, default):
                 raise _Skip(f"Gemm attribute {key} differs")
         return (0 if ra.get("transB", 0) else 1), 1
     if ra != ca:
-        raise _Skip(f"{ref.op_type} attributes differ")
-    return (1, int(ra.get("group", 1))) if ref.op_type == "ConvTranspose" else (0, 1)
+        raise _Skip(f"{r.op_type} attributes differ")
+    return (1, int(ra.get("group", 1))) if r.op_type == "ConvTranspose" else (0, 1)
 
 
-def _bias(scope: Scope, node: onnx.NodeProto, channels: int) -> np.ndarray | None:
+def _bias(scope: Scope, layer: _Layer, channels: int) -> np.ndarray | None:
     """The per-channel bias a layer adds (Gemm: ``beta * C``), float64; None when it has none."""
-    name = _input(node, 2) if node.op_type != "MatMul" else ""
-    if not name:
+    if not layer.bias:
         return None
-    value = _constant(scope, name)
-    if node.op_type != "Gemm":
+    value = _constant(scope, layer.bias)
+    node = layer.node
+    if node.op_type in ("Conv", "ConvTranspose"):
         if value.shape != (channels,):
             raise _Skip(f"bias has shape {value.shape}")
         return value.astype(np.float64)
+    if value.ndim > 2 and all(d == 1 for d in value.shape[:-1]):
+        value = value.reshape(1, -1)
     vec = fold_math.channel_vector(value, channels)
     if vec is None:
-        raise _Skip(f"Gemm C of shape {value.shape} is not per output column")
-    return vec * float(np.float32(_attrs(node).get("beta", 1.0)))
+        raise _Skip(f"bias of shape {value.shape} is not per output column")
+    return vec * float(np.float32(_attrs(node).get("beta", 1.0))) if node.op_type == "Gemm" else vec
 
 
 def _along(per_channel: np.ndarray, shape: tuple[int, ...], axis: int, groups: int) -> np.ndarray:
@@ -200,12 +263,14 @@ def _check_one(
     cand: Scope,
     opset: int,
     bn: onnx.NodeProto,
-    node: onnx.NodeProto,
+    start: str,
     atol: float | None,
     rtol: float | None,
 ) -> WeightCheck:
+    """``start``: the candidate's tensor holding the BN's output (its name, or a fold alias)."""
     y = bn.output[0]  # the fold point, named as in the reference
-    w_new = _constant(cand, _input(node, 1))
+    cand_layer = _layer(cand, start)
+    w_new = _constant(cand, _input(cand_layer.node, 1))
     if w_new.dtype not in _DTYPES:
         raise _Skip(f"weight dtype {w_new.dtype}")
     shape, dtype = tuple(w_new.shape), w_new.dtype.name
@@ -217,30 +282,24 @@ def _check_one(
         )
         return WeightCheck(diff, f"'{y}' is folded, but the reference BN cannot be: {training.detail}")
 
-    producer = ref.producer.get(bn.input[0])
-    if producer is None or producer.domain not in _DEFAULT_DOMAINS:
-        raise _Skip("the reference BN has no producer")
-    if producer.op_type not in (*_ABSORBERS, "MatMul"):
-        raise _Skip(f"the reference BN follows {producer.op_type}")
-    if _input(producer, 0) != _input(node, 0):
-        raise _Skip("the layers read different inputs")
-    axis, groups = _layout(producer, node)
+    ref_layer = _layer(ref, bn.input[0])
+    axis, groups = _layout(ref_layer, cand_layer, w_new.ndim)
     gamma, beta, mean, var = (_constant(ref, n).astype(np.float64).reshape(-1) for n in bn.input[1:5])
     eps = float(_attrs(bn).get("epsilon", fold_math.DEFAULT_EPSILON))
     aff = fold_math.bn_affine(gamma, beta, mean, var, eps)
-    w = _constant(ref, _input(producer, 1))
+    w = _constant(ref, _input(ref_layer.node, 1))
     if w.ndim < 2 or w.shape[axis] * max(1, groups) != aff.channels:
         raise _Skip(f"weight {w.shape} does not match {aff.channels} BN channels")
     try:
         w_exp = fold_math.scale_weight(w, aff.scale, axis=axis, groups=groups)
     except ValueError as e:
         raise _Skip(str(e)) from None
-    b = _bias(ref, producer, aff.channels)
+    b = _bias(ref, ref_layer, aff.channels)
     b_exp = fold_math.fold_bias(b, aff)
     b_terms = (
         np.abs(aff.scale) * (np.abs(b) if b is not None else 0.0) + np.abs(beta) + np.abs(mean * aff.scale)
     )
-    b_new = _bias(cand, node, aff.channels)
+    b_new = _bias(cand, cand_layer, aff.channels)
     if b_new is None:
         b_new = np.zeros(aff.channels)
 
