@@ -10,8 +10,9 @@
 :func:`fold_loaded` works on a loaded ``ModelProto`` (the CLI's torch path and
 :func:`bnfold.export` call it with a separate reference); :func:`fold_path` works file to file:
 it loads lazily (large initializers are never parsed into Python), saves the candidate into a
-staging folder beside the output, verifies the saved file against the source, and moves it into
-place only once it passed (or ``force``). ``in_place=True`` writes over the source the same way,
+staging folder beside the output (:class:`bnfold.onnx.io.Staging`), verifies the saved file
+against the source, and publishes it (data first, then the model) only once it passed (or
+``force``). ``in_place=True`` writes over the source the same way,
 so a failed or interrupted run leaves the source as it was.
 
 Every public function takes the six verification options as keywords (``inputs``, ``shapes``,
@@ -21,16 +22,14 @@ Every public function takes the six verification options as keywords (``inputs``
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Collection, Sequence
 
 import onnx
 
 from .errors import InputError
-from .io import is_lazy, load_model, save_model
 from .onnx.fold import count_bn, fold_model
+from .onnx.io import Staging, is_lazy, load_model, save_model
 from .report import FoldReport, FoldResult
 from .verify import VerifyOptions, fold_verified, verify_options
 from .verify.options import DEFAULT, InputsLike, Shapes
@@ -185,7 +184,9 @@ def fold_path(
         raise InputError(f"{dst}: cannot write: directory {dst_dir} does not exist")
     note = progress or (lambda _msg: None)
 
-    def make(excl: frozenset[str], out_path: str) -> tuple[str, FoldReport, onnx.ModelProto]:
+    def make(
+        excl: frozenset[str], out_path: str, location: str | None
+    ) -> tuple[str, FoldReport, onnx.ModelProto]:
         note("loading")
         model = load_model(src, lazy=True)
         # "keep the input's layout" is decided on the source: a fold may replace every
@@ -196,21 +197,19 @@ def fold_path(
         note("folding")
         report = fold_model(model, base_dir=src_dir, exclude=excl)
         note("saving")
-        save_model(model, out_path, source_dir=src_dir, external_data=layout)
+        save_model(model, out_path, source_dir=src_dir, external_data=layout, location=location)
         return out_path, report, model
 
-    if not verify and not in_place:
-        _, report, model = make(frozenset(exclude), dst)
+    if not verify and not in_place:  # save_model writes atomically by itself
+        _, report, model = make(frozenset(exclude), dst, None)
         return FoldResult(model=model, report=report, seconds=time.perf_counter() - start)
 
-    staging = tempfile.mkdtemp(prefix=".bnfold-", dir=dst_dir)
-    try:
-        staged = os.path.join(staging, os.path.basename(dst))
+    with Staging(dst, reads=[src]) as stage:
 
         def make_staged(excl: frozenset[str]) -> tuple[str, FoldReport, onnx.ModelProto]:
-            for leftover in os.listdir(staging):
-                os.remove(os.path.join(staging, leftover))
-            path, rep, model = make(excl, staged)
+            for leftover in os.listdir(stage.folder):
+                os.remove(os.path.join(stage.folder, leftover))
+            path, rep, model = make(excl, stage.path, stage.location)
             note("verifying")
             return path, rep, model
 
@@ -218,22 +217,12 @@ def fold_path(
             done = fold_verified(make_staged, src, options=opts, exclude=frozenset(exclude), force=force)
             model, report, verification = done.payload, done.report, done.verification
         else:
-            _, report, model = make(frozenset(exclude), staged)
+            _, report, model = make(frozenset(exclude), stage.path, stage.location)
             verification = None
-        _publish(staging, dst)
-        return FoldResult(
-            model=model, report=report, verification=verification, seconds=time.perf_counter() - start
-        )
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _publish(staging: str, dst: str) -> None:
-    """Move every staged file beside ``dst``: data files first, the model last, so a reader never
-    sees a model without its data."""
-    name, directory = os.path.basename(dst), os.path.dirname(dst)
-    for entry in sorted(os.listdir(staging), key=lambda n: n == name):
-        os.replace(os.path.join(staging, entry), os.path.join(directory, entry))
+        stage.publish()
+    return FoldResult(
+        model=model, report=report, verification=verification, seconds=time.perf_counter() - start
+    )
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from google.protobuf.message import EncodeError
 from onnx import TensorProto, helper
 
-from ..io import copy_except, load_model, save_model
+from ..onnx.io import copy_except, load_model, save_model
 
 log = logging.getLogger(__name__)
 
