@@ -133,6 +133,15 @@ def fold_command(
             show_default=False,
         ),
     ] = None,
+    output_names: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--output-name",
+            metavar="NAME",
+            help="PyTorch: name of an exported output, in order (default: the exporter's). Repeatable.",
+            show_default=False,
+        ),
+    ] = None,
     exclude: Annotated[
         list[str] | None,
         typer.Option(
@@ -171,12 +180,15 @@ def fold_command(
         ),
         external_data=external_data,
         exclude=tuple(exclude or ()),
+        output_names=tuple(output_names or ()),
         strict=strict,
         factory=factory,
         weights=weights,
     )
     if request.is_torch and exclude:
         raise typer.BadParameter("--exclude applies to ONNX models", param_hint="--exclude")
+    if output_names and not request.is_torch:
+        raise typer.BadParameter("--output-name applies to PyTorch inputs", param_hint="--output-name")
     outcome = _run(request, target, ui)
     try:
         if ui.shows_summary:

@@ -53,6 +53,7 @@ def fold_torch(req: FoldRequest, *, progress: Callable[[str], None]) -> FoldOutc
             options=dataclasses.replace(opts, inputs=None, shapes=None),
             external_data=req.external_data,
             input_names=list(opts.shapes) if opts.shapes and not opts.inputs else None,
+            output_names=list(req.output_names) or None,
         )
     except VerificationError as exc:
         partial = exc.result

@@ -63,6 +63,13 @@ def resolve_paths(
     """The source and the output path (``out`` is the second positional, ``output`` is ``-o``),
     checked before any work: refuses to overwrite the input without --in-place, a special file,
     an unwritable folder."""
+    if factory is not None and model is not None and out is None and output is None:
+        if os.path.lexists(model):  # a model given by mistake, or an old output: never replaced silently
+            raise typer.BadParameter(
+                f"give either MODEL or --factory, not both ({model} exists; to replace it, pass -o {model})",
+                param_hint="MODEL",
+            )
+        model, out = None, model  # `bnfold --factory pkg:make OUT`: the factory is the model
     if out is not None and output is not None:
         raise UsageError(f"the output is given twice ({out} and -o {output}); give OUT or -o, not both")
     output = output if output is not None else out

@@ -32,6 +32,8 @@ class FoldRequest:
     example inputs of a PyTorch export)."""
     external_data: bool | None
     exclude: tuple[str, ...]
+    output_names: tuple[str, ...]
+    """PyTorch: the exported outputs' names (empty: the exporter's)."""
     strict: bool
     factory: str | None
     weights: str | None

@@ -352,3 +352,83 @@ def test_shape_for_a_name_the_model_lacks_speaks_cli_words(model: Path) -> None:
     assert result.exit_code == 2
     one_error_line(result.stderr, "--shape", "'input' is not an input of", "m.onnx", "its inputs: x")
     assert "shapes names" not in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch from the CLI
+
+
+FACTORIES = """
+import sys
+import torch
+from torch import nn
+
+def make():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    bn = net[1]
+    with torch.no_grad():  # non-trivial statistics
+        bn.weight.uniform_(0.5, 2.0); bn.bias.uniform_(-1, 1)
+        bn.running_mean.uniform_(-1, 1); bn.running_var.uniform_(0.2, 3.0)
+    return net
+
+def leave():
+    sys.exit(0)
+"""
+
+
+@pytest.fixture
+def factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    pytest.importorskip("torch")
+    (tmp_path / "cli_factories.py").write_text(FACTORIES)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_output_names_for_a_pytorch_export(factories: Path) -> None:
+    """Issue 11: exported outputs were named like '39'; the torch-vs-ONNX line names the same output."""
+    out = factories / "net.onnx"
+    args = [
+        "--factory",
+        "cli_factories:make",
+        "--shape",
+        "image=1x3x8x8",
+        "--output-name",
+        "logits",
+        str(out),
+    ]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [o.name for o in onnx.load(str(out)).graph.output] == ["logits"]
+    assert [i.name for i in onnx.load(str(out)).graph.input] == ["image"]
+    assert [d["name"] for d in doc["export"]["torch_vs_onnx"]["outputs"]] == ["logits"]
+    assert [d["name"] for d in doc["verification"]["outputs"]] == ["logits"]
+    human = runner.invoke(app, [*args[:-1], "-o", str(out)])  # OUT exists now: -o replaces it
+    assert human.exit_code == 0, human.output
+    assert "worst output logits" in human.stdout
+
+
+def test_output_name_for_an_onnx_model_is_a_usage_error(model: Path) -> None:
+    result = runner.invoke(app, [str(model), "--output-name", "y"])
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "--output-name", "PyTorch")
+
+
+def test_factory_that_exits_is_exit_2_not_0(factories: Path) -> None:
+    """Issue 10 item 16: --factory code raising SystemExit gave exit 0, nothing written, no message."""
+    result = runner.invoke(app, ["--factory", "cli_factories:leave", "--shape", "x=1x3x8x8", "-o", "f.onnx"])
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "cli_factories:leave", "sys.exit(0)")
+    assert not (factories / "f.onnx").exists()
+
+
+def test_factory_positional_naming_an_existing_file_is_not_replaced(factories: Path) -> None:
+    """`bnfold model.onnx --factory ...` must not read as 'write the factory's export over model.onnx'."""
+    existing = factories / "model.onnx"
+    existing.write_bytes(b"keep me")
+    result = runner.invoke(app, [str(existing), "--factory", "cli_factories:make", "--shape", "x=1x3x8x8"])
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "MODEL or --factory", "-o")
+    assert existing.read_bytes() == b"keep me"
