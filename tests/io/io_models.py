@@ -6,8 +6,10 @@ import os
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from bnfold.onnx.io import load as load_mod
 from bnfold.onnx.io.external import model_tensors
 
 BF16 = helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16)
@@ -142,6 +144,15 @@ def canonical(model: onnx.ModelProto) -> bytes:
 
 def tmp_files(directory: str) -> list[str]:
     return [n for n in os.listdir(directory) if n.endswith(".tmp")]
+
+
+@pytest.fixture(autouse=True)
+def small_stub_threshold(monkeypatch):
+    """The test models are small: make their kilobyte-sized tensors stubs, as large ones are.
+
+    Imported by each test module of tests/io (a conftest.py here would shadow tests/conftest.py
+    for every ``from conftest import ...``)."""
+    monkeypatch.setattr(load_mod, "LAZY_THRESHOLD", 1024)
 
 
 def model_bytes() -> bytes:

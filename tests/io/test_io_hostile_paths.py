@@ -8,7 +8,7 @@ import os
 import numpy as np
 import onnx
 import pytest
-from io_models import conv_bn_mlp, full, save_external
+from io_models import conv_bn_mlp, full, save_external, small_stub_threshold  # noqa: F401 - autouse fixture
 from onnx import TensorProto, numpy_helper
 
 import bnfold.onnx.io as bio

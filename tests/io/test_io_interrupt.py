@@ -18,7 +18,7 @@ import textwrap
 import numpy as np
 import onnx
 import pytest
-from io_models import canonical, conv_bn_mlp, full
+from io_models import canonical, conv_bn_mlp, full, small_stub_threshold  # noqa: F401 - autouse fixture
 from onnx import numpy_helper
 
 import bnfold.onnx.io as bio

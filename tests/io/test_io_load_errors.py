@@ -8,12 +8,13 @@ import os
 import numpy as np
 import onnx
 import pytest
-from io_models import (
+from io_models import (  # noqa: F401 - small_stub_threshold is an autouse fixture
     BF16,
     INT4,
     conv_bn_mlp,
     model_bytes,
     save_external,
+    small_stub_threshold,
 )
 from onnx import TensorProto, helper, numpy_helper
 

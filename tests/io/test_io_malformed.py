@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from io_hostile import MALFORMED, malformed_bytes, mutate_bytes, non_utf8_name_bytes
-from io_models import conv_bn_mlp, model_bytes, save_external
+from io_models import conv_bn_mlp, model_bytes, save_external, small_stub_threshold  # noqa: F401 - autouse fixture
 from onnx import TensorProto, helper
 
 import bnfold.onnx.io as bio

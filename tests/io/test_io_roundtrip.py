@@ -8,11 +8,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from io_models import (
+from io_models import (  # noqa: F401 - small_stub_threshold is an autouse fixture
     canonical,
     conv_bn_mlp,
     full,
     save_external,
+    small_stub_threshold,
     tmp_files,
     with_subgraph,
 )

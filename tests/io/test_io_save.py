@@ -7,9 +7,10 @@ import os
 
 import onnx
 import pytest
-from io_models import (
+from io_models import (  # noqa: F401 - small_stub_threshold is an autouse fixture
     conv_bn_mlp,
     full,
+    small_stub_threshold,
     tmp_files,
 )
 
