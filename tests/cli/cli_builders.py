@@ -1,5 +1,6 @@
-"""Tiny ONNX models for the CLI tests: Conv -> BN -> Relu [-> BN] with non-trivial BN statistics
-(the `rng` fixture is conftest's)."""
+"""Helpers of the CLI tests: tiny ONNX models (Conv -> BN -> Relu [-> BN] with non-trivial BN
+statistics; the `rng` fixture is conftest's), a PyTorch factory module's source, and the
+one-error-line assertion every usage-error test makes."""
 
 from __future__ import annotations
 
@@ -77,3 +78,32 @@ def conv_bn_model(
 def save(model: onnx.ModelProto, path: Path) -> str:
     onnx.save(model, str(path))
     return str(path)
+
+
+FACTORY_SOURCE = """
+import sys
+import torch
+from torch import nn
+
+def make():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    bn = net[1]
+    with torch.no_grad():  # non-trivial statistics
+        bn.weight.uniform_(0.5, 2.0); bn.bias.uniform_(-1, 1)
+        bn.running_mean.uniform_(-1, 1); bn.running_var.uniform_(0.2, 3.0)
+    return net
+
+def leave():
+    sys.exit(0)
+"""
+"""A module with ``make()`` (Conv -> BN -> Relu, non-trivial statistics) and ``leave()`` (calls sys.exit)."""
+
+
+def one_error_line(stderr: str, *needles: str) -> None:
+    """``stderr`` is exactly one ``bnfold: error:`` line, without a traceback, naming every needle."""
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bnfold: error: "), stderr
+    assert "Traceback" not in stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from cli_builders import conv_bn_model, save
+from cli_builders import FACTORY_SOURCE, conv_bn_model, save
 from onnx import helper
 from typer.testing import CliRunner
 
@@ -485,24 +485,9 @@ def test_torch_input_without_torch_says_how_to_install(
     assert snapshot(tmp_path) == before
 
 
-TINY_FACTORY = """
-import torch
-from torch import nn
-
-def make():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-    bn = net[1]
-    with torch.no_grad():  # non-trivial statistics
-        bn.weight.uniform_(0.5, 2.0); bn.bias.uniform_(-1, 1)
-        bn.running_mean.uniform_(-1, 1); bn.running_var.uniform_(0.2, 3.0)
-    return net
-"""
-
-
 def test_factory_with_weights_exports_a_folded_onnx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch = pytest.importorskip("torch")
-    (tmp_path / "tiny_factory.py").write_text(TINY_FACTORY)
+    (tmp_path / "tiny_factory.py").write_text(FACTORY_SOURCE)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     import tiny_factory

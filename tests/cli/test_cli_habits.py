@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from cli_builders import conv_bn_model, save
+from cli_builders import FACTORY_SOURCE, conv_bn_model, one_error_line, save
 from typer.testing import CliRunner
 
 from bnfold.cli import app, parse_shape
@@ -27,13 +27,6 @@ runner = CliRunner()
 def model(tmp_path: Path, rng: np.random.Generator) -> Path:
     """Conv -> BN bn1 (foldable, writes bn1_out) -> Relu -> BN bn2 (left)."""
     return Path(save(conv_bn_model(rng, second_bn=True), tmp_path / "m.onnx"))
-
-
-def one_error_line(stderr: str, *needles: str) -> None:
-    lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bnfold: error: "), stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def bn_names(path: Path) -> list[str]:
@@ -358,29 +351,10 @@ def test_shape_for_a_name_the_model_lacks_speaks_cli_words(model: Path) -> None:
 # PyTorch from the CLI
 
 
-FACTORIES = """
-import sys
-import torch
-from torch import nn
-
-def make():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-    bn = net[1]
-    with torch.no_grad():  # non-trivial statistics
-        bn.weight.uniform_(0.5, 2.0); bn.bias.uniform_(-1, 1)
-        bn.running_mean.uniform_(-1, 1); bn.running_var.uniform_(0.2, 3.0)
-    return net
-
-def leave():
-    sys.exit(0)
-"""
-
-
 @pytest.fixture
 def factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     pytest.importorskip("torch")
-    (tmp_path / "cli_factories.py").write_text(FACTORIES)
+    (tmp_path / "cli_factories.py").write_text(FACTORY_SOURCE)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path

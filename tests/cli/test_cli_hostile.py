@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_builders import conv_bn_model, save
+from cli_builders import conv_bn_model, one_error_line, save
 from test_cli_output import bnfold_exe
 from typer.testing import CliRunner
 
@@ -27,13 +27,6 @@ runner = CliRunner()
 @pytest.fixture
 def model(tmp_path: Path, rng: np.random.Generator) -> Path:
     return Path(save(conv_bn_model(rng, second_bn=True), tmp_path / "m.onnx"))
-
-
-def one_error_line(stderr: str, *needles: str) -> None:
-    lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bnfold: error: "), stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def files(folder: Path) -> dict[str, bytes]:
