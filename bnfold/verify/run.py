@@ -48,6 +48,7 @@ from ..report import InputSpec, VerifyReport, VerifyStatus
 from .compare import TensorStats, failure_summary, first_divergent, in_graph_order
 from .correspond import Pair, alias_candidates, output_pairs, pick_aliases, shared_by_name
 from .inputs import declared_inputs, generated_samples, user_samples
+from .interface import interface_problems, overrides
 from .models import PROVIDER, ModelLike, NotRun, OrtModel, first_line, open_model, run, session
 from .options import InputsLike, Shapes, VerifyOptions, verify_options
 from .weights import WeightCheck, check_weights
@@ -119,13 +120,9 @@ def verify_with(
     except NotRun as e:
         return finish(VerifyStatus.NOT_RUN, str(e))
 
-    known = {d.name: d.elem_type for d in decls}
-    strangers = [d.name for d in cand_inputs if known.get(d.name) != d.elem_type]
-    if strangers:
-        return finish(
-            VerifyStatus.FAILED,
-            f"candidate input(s) {strangers} are not inputs of that type in the reference",
-        )
+    problems = interface_problems(ref, cand, decls, cand_inputs)
+    if problems:
+        return finish(VerifyStatus.FAILED, "interface differs: " + "; ".join(problems))
     ref_outs, cand_outs = [o.name for o in ref.graph.output], [o.name for o in cand.graph.output]
     outputs, problem, note = output_pairs(ref_outs, cand_outs)
     if problem:
@@ -137,9 +134,12 @@ def verify_with(
     fields["compared_on"] = "outputs+intermediates" if plan.has_intermediates else "outputs"
     cand_feeds = [{d.name: feed[d.name] for d in cand_inputs} for feed in feeds]
     try:
-        stats = _execute(ref, cand, plan, feeds, cand_feeds, fields, notes, (atol, rtol))
+        plan.overrides = overrides(ref, options.seed)
+        stats, ignored = _execute(ref, cand, plan, feeds, cand_feeds, fields, notes, (atol, rtol))
     except NotRun as e:
         return finish(VerifyStatus.NOT_RUN, str(e))
+    if ignored:
+        return finish(VerifyStatus.FAILED, ignored)
 
     diffs = [s.result() for s in stats]
     weights = _weights(ref, cand, atol, rtol) if intermediates else []
@@ -175,6 +175,8 @@ class _Plan:
         self.pairs = list(outputs)
         self.chains: dict[str, list[str]] = {}
         self.types: dict[str, int] = {}
+        self.overrides: dict[str, np.ndarray] = {}
+        """Overridable initializers of the reference, perturbed, fed to both in one more run."""
 
     @property
     def has_intermediates(self) -> bool:
@@ -206,8 +208,10 @@ def _execute(
     fields: dict[str, Any],
     notes: list[str],
     tolerances: tuple[float | None, float | None],
-) -> list[TensorStats]:
-    """Run both models at ``ORT_DISABLE_ALL`` on every sample and compare the pairs.
+) -> tuple[list[TensorStats], str]:
+    """Run both models at ``ORT_DISABLE_ALL`` on every sample and compare the pairs; then once
+    more with the overridable initializers perturbed (the outputs must still agree: a sentence
+    saying how they do not, or "").
 
     The reference also runs at ``ORT_ENABLE_ALL``, with the same tensors fetched: onnxruntime then
     folds Conv+BN itself and reorders arithmetic, so the difference between its two runs is the
@@ -246,6 +250,23 @@ def _execute(
             for s in stats:
                 s.add(r[s.name], c[s.cand_name], calibration[s.name] if calibration else None)
         fields["calibrated"] = calib_sess is not None
+        ignored = ""
+        if plan.overrides:
+            outs = [p for p in plan.pairs if p.kind == "output"]
+            feed, cand_feed = {**feeds[0], **plan.overrides}, {**cand_feeds[0], **plan.overrides}
+            r = dict(zip(ref_names, run(ref_sess, ref, feed)))
+            c = dict(zip(cand_names, run(cand_sess, cand, cand_feed)))
+            k = _calibration(calib_sess, ref, feed, ref_names)
+            checks = [TensorStats(p.ref, "output", *tolerances) for p in outs]
+            for s, p in zip(checks, outs):
+                s.add(r[p.ref], c[p.cand], k[p.ref] if k else None)
+            bad = [s.result() for s in checks if not s.result().passed]
+            if bad:
+                ignored = (
+                    f"with the overridable initializer(s) {sorted(plan.overrides)} fed perturbed values, "
+                    f"output '{bad[0].name}' differs (max_rel {bad[0].max_rel:.3g}): the candidate "
+                    "does not use them as the reference does"
+                )
         del ref_sess, cand_sess, calib_sess
         try:
             run(session(cand, (), level.ORT_ENABLE_ALL), cand, cand_feeds[0])
@@ -253,7 +274,7 @@ def _execute(
         except NotRun as e:
             fields["candidate_runs_optimized"] = False
             notes.append(f"at ORT_ENABLE_ALL: {e}")
-    return stats
+    return stats, ignored
 
 
 def _calibration(
