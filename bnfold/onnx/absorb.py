@@ -110,7 +110,7 @@ def _scaled(
     w: np.ndarray, aff: fold_math.Affine, what: str, *, axis: int, groups: int = 1
 ) -> np.ndarray | Reject | None:
     """``w`` scaled along ``axis``; None when the scale is exactly 1 (nothing to write)."""
-    if np.all(aff.scale == 1.0):
+    if aff.channels and aff.scale[0] == 1.0 and np.all(aff.scale == 1.0):
         return None
     out, why = fold_math.scale_weight_exact(w, aff.scale, axis=axis, groups=groups)
     if out is None:

@@ -25,6 +25,7 @@ from .graph import ModelIndex, Scope, collect_scopes, node_id, walk_graphs
 from .plan import Plan, Reject, Source
 from .rewrite import apply, flush, remove_dead
 from .sources import (
+    AFFINE_OPS,
     Step,
     bn_label,
     bn_problem,
@@ -62,14 +63,42 @@ def count_bn(model: onnx.ModelProto) -> int:
     return sum(1 for site in walk_graphs(model) for node in site.body.node if is_batchnorm(node))
 
 
+_NO_MAP = Affine(np.ones(1), np.zeros(1))
+"""The identity map: a probe source that only asks where a layer is."""
+
+SOURCE_OPS = frozenset({"BatchNormalization", *AFFINE_OPS})
+
+
+class Consumers(Mapping[str, Sequence[onnx.NodeProto]]):
+    """The scope's name -> readers map, built on first use in a round (most BN never need it)."""
+
+    def __init__(self, scope: Scope) -> None:
+        self._scope = scope
+        self._map: dict[str, list[onnx.NodeProto]] | None = None
+
+    def _built(self) -> dict[str, list[onnx.NodeProto]]:
+        if self._map is None:
+            self._map = self._scope.consumers()
+        return self._map
+
+    def __getitem__(self, name: str) -> Sequence[onnx.NodeProto]:
+        return self._built()[name]
+
+    def __iter__(self):
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())
+
+
 def fold_scope(scope: Scope) -> tuple[list[Folded], list[Skipped]]:
     """Fold the sources of one scope to a fixed point; return the folds and the final skips."""
     folded: list[Folded] = []
     while True:
         skipped: list[Skipped] = []
-        consumers = scope.consumers()
+        consumers = Consumers(scope)
         for node in list(scope.nodes):
-            if node_id(node) in scope.doomed:
+            if node.op_type not in SOURCE_OPS or (scope.doomed and node_id(node) in scope.doomed):
                 continue
             if is_batchnorm(node):
                 outcome: Folded | Skipped | None = try_fold(scope, node, consumers)
@@ -138,7 +167,7 @@ def try_fold(
         return skip(Reject(SkipReason.EXCLUDED, "excluded by the caller"))
     if (problem := bn_problem(scope, bn)) is not None:
         return skip(problem)
-    axis_only = Source("batchnorm", label, bn.input[0], out, Affine(np.ones(1), np.zeros(1)), (bn,))
+    axis_only = Source("batchnorm", label, bn.input[0], out, _NO_MAP, (bn,))
     found = find_layer(scope, axis_only)
     source = bn_source(scope, bn)
     if isinstance(source, Reject):
@@ -192,7 +221,7 @@ def try_fold_chain(
     out = steps[-1].node.output[0]
     label = head.name or f"{head.op_type}({head.output[0]})"
     kind = chain_kind(steps)
-    probe = Source(kind, label, steps[0].activation, out, Affine(np.ones(1), np.zeros(1)), (), axis=None)
+    probe = Source(kind, label, steps[0].activation, out, _NO_MAP, (), axis=None)
     found = find_layer(scope, probe)
     if isinstance(found, Reject):
         return _chain_forward(scope, steps, consumers)

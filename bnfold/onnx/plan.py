@@ -50,7 +50,7 @@ class Source:
 
     def on_axis(self, axis: int | None) -> Source:
         """The same map, with its channel axis expressed on another tensor (after a path)."""
-        return replace(self, axis=axis)
+        return self if axis == self.axis else replace(self, axis=axis)
 
     def widened(self, channels: int) -> Source:
         """A map by scalars (no axis, one channel) as a map on ``channels`` channels; a map with

@@ -53,13 +53,15 @@ def _apply_branch(scope: Scope, branch: Plan, joiner: onnx.NodeProto) -> list[st
 
 
 def _apply_one(scope: Scope, plan: Plan) -> list[str]:
-    _name_new_nodes(scope, plan)
-    chain_ids = {node_id(n) for n in plan.chain}
+    if plan.new_nodes:
+        _name_new_nodes(scope, plan)
     touched = [v.node for v in plan.values] + [a[0] for a in plan.attrs] + [n for n, _ in plan.new_nodes]
     if plan.op_type is not None:
         touched.append(plan.op_type[0])
-    if any(node_id(n) not in chain_ids for n in touched):
-        raise ValueError("a fold plan changes a node outside its chain: the name rule would break")
+    if not all(any(n is c for c in plan.chain) for n in touched):  # identity first: cheap
+        chain_ids = {node_id(n) for n in plan.chain}
+        if any(node_id(n) not in chain_ids for n in touched):
+            raise ValueError("a fold plan changes a node outside its chain: the name rule would break")
     if plan.op_type is not None:
         node, op = plan.op_type
         node.op_type = op
@@ -67,16 +69,19 @@ def _apply_one(scope: Scope, plan: Plan) -> list[str]:
     anchors = {node_id(new): anchor for new, anchor in plan.new_nodes}
     created: list[str] = []
     for v in plan.values:
-        before = anchors.get(node_id(v.node), v.node)
+        before = anchors.get(node_id(v.node), v.node) if anchors else v.node
         created += set_input(scope, v.node, v.index, v.value, v.kind, before=before)
     for node, name, value in plan.attrs:
         set_attr(node, name, value)
-    live = _insert_new_nodes(scope, plan)
+    chain = list(plan.chain)
+    if plan.new_nodes:
+        live = _insert_new_nodes(scope, plan)
+        chain = [live.get(node_id(n), n) for n in chain]
     for node in (*plan.source.nodes, *plan.dead):
         kill(scope, node)
     if plan.direction == "forward":
         _bypass(scope, plan)
-    _rename_chain(scope, [live.get(node_id(n), n) for n in plan.chain], plan.final or plan.source.output)
+    _rename_chain(scope, chain, plan.final or plan.source.output)
     return created
 
 

@@ -124,7 +124,7 @@ def affine_step(scope: Scope, node: onnx.NodeProto) -> Step | None:
     if not is_op(node, *AFFINE_OPS) or len(node.input) != 2 or len(node.output) != 1:
         return None
     a, b = node.input
-    ca, cb = scope.constant_or_none(a), scope.constant_or_none(b)
+    ca, cb = _small_constant(scope, a), _small_constant(scope, b)
     if (ca is None) == (cb is None):
         return None
     step = Step(node, b, ca, False) if ca is not None else Step(node, a, cb, True)  # type: ignore[arg-type]
@@ -133,6 +133,18 @@ def affine_step(scope: Scope, node: onnx.NodeProto) -> Step | None:
     if not _is_float(step.constant):
         return None
     return step
+
+
+# A per-channel constant has one value per channel; bigger initializers (weights being
+# preprocessed) are not read just to find that out (lazily loaded models keep them on disk).
+_MAX_STEP_CONSTANT = 1 << 16
+
+
+def _small_constant(scope: Scope, name: str) -> np.ndarray | None:
+    t = scope.initializers.get(name)
+    if t is not None and int(np.prod(t.dims, dtype=np.int64)) > _MAX_STEP_CONSTANT:
+        return None
+    return scope.constant_or_none(name)
 
 
 def chain_steps(
