@@ -2,9 +2,10 @@
 
 Public API::
 
-    fold_onnx(model, ...) -> FoldResult        # ONNX pass (bnfold.onnx_fold)
+    fold_onnx(model, ...) -> FoldResult        # the ONNX pass (bnfold.onnx), verified (bnfold.api)
     analyze_onnx(model) -> FoldReport          # what would fold, changing nothing
-    fold_path(src, dst, ...) -> FoldResult     # file to file, verified, atomic (bnfold.pipeline)
+    fold_path(src, dst, ...) -> FoldResult     # file to file, verified, atomic (bnfold.api)
+    VerifyOptions(inputs=..., shapes=..., ...) # verification options, one frozen dataclass
     verify(reference, candidate, ...) -> VerifyReport   # onnxruntime at ORT_DISABLE_ALL
     fold_module(module, ...) -> (module, FoldReport)    # PyTorch (needs the torch extra)
     export(module, example_inputs, path, ...) -> ExportResult
@@ -17,8 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import BnfoldError, InputError, MissingDependencyError, ShapeError, VerificationError
-from .onnx_fold import analyze_onnx, count_bn, fold_onnx
-from .pipeline import fold_path
+from .api import analyze_onnx, fold_onnx, fold_path
+from .onnx.fold import count_bn
 from .report import (
     ExportResult,
     Folded,
@@ -31,7 +32,7 @@ from .report import (
     VerifyReport,
     VerifyStatus,
 )
-from .verify import verify
+from .verify import VerifyOptions, verify
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,7 @@ __all__ = [
     "Skipped",
     "TensorDiff",
     "VerificationError",
+    "VerifyOptions",
     "VerifyReport",
     "VerifyStatus",
     "__version__",
@@ -64,11 +66,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("fold_module", "export"):
-        try:
-            from . import torch_fold
-        except ImportError as exc:  # torch missing
-            raise MissingDependencyError(
-                "the PyTorch path needs torch: pip install 'bnfold[torch]' (see README: Choosing your torch)"
-            ) from exc
-        return getattr(torch_fold, name)
+        from . import torch as bnfold_torch
+
+        return getattr(bnfold_torch, name)
     raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
