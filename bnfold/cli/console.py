@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TextIO
@@ -59,7 +60,9 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 @contextmanager
 def logging_to_stderr(args: Sequence[str]) -> Iterator[None]:
-    """bnfold's log records on stderr for this run: debug with --debug, info with -v, else warnings."""
+    """bnfold's log records on stderr for this run: debug with --debug, info with -v, else
+    warnings. Python warnings of the libraries (numpy's RuntimeWarnings, deprecations) are not
+    bnfold's words: shown only with --debug."""
     head = _options_part(args)
     if wants_debug(args):
         level = logging.DEBUG
@@ -76,7 +79,10 @@ def logging_to_stderr(args: Sequence[str]) -> Iterator[None]:
     logger.addHandler(handler)
     logger.setLevel(level)
     try:
-        yield
+        with warnings.catch_warnings():
+            if not wants_debug(args):
+                warnings.simplefilter("ignore")
+            yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
@@ -158,7 +164,6 @@ def stdout_to_stderr(enabled: bool) -> Iterator[None]:
         yield
         return
     import contextlib
-    import warnings
 
     saved: int | None = None
     try:
@@ -168,8 +173,7 @@ def stdout_to_stderr(enabled: bool) -> Iterator[None]:
     except (OSError, ValueError, AttributeError):  # no real fd 1 (a test runner's buffer)
         saved = None
     try:
-        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # numpy's RuntimeWarnings are not the report
+        with contextlib.redirect_stdout(sys.stderr):
             yield
     finally:
         if saved is not None:

@@ -227,3 +227,33 @@ def test_sigint_during_verification_exits_130_in_one_line(model: Path) -> None:
     assert err.splitlines()[-1] == "bnfold: interrupted; nothing was written" and "Traceback" not in err
     assert not model.with_name("f.onnx").exists()
     assert sorted(p.name for p in model.parent.iterdir()) == ["m.onnx"]
+
+
+WARNING_PROBE = """
+import sys, warnings
+import bnfold.api
+from bnfold.cli import main
+real = bnfold.api.fold_path
+def noisy(*a, **k):
+    warnings.warn("overflow encountered in multiply", RuntimeWarning, stacklevel=1)
+    return real(*a, **k)
+bnfold.api.fold_path = noisy
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["default", "debug"])
+def test_library_warnings_stay_off_stderr_unless_debug(model: Path, debug: bool) -> None:
+    """Before: numpy's RuntimeWarnings from verification reached stderr beside bnfold's own lines."""
+    proc = subprocess.run(
+        [sys.executable, "-c", WARNING_PROBE, str(model), "-o", str(model.with_name("f.onnx"))]
+        + (["--debug"] if debug else []),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert ("overflow encountered" in proc.stderr) is debug
+    if not debug:
+        assert proc.stderr == ""
