@@ -101,6 +101,31 @@ def test_unwritable_output_folder_is_exit_2_before_any_work(model: Path, tmp_pat
         ro.chmod(0o755)
 
 
+@pytest.mark.parametrize("verify", ["--verify", "--no-verify"], ids=["verify", "no-verify"])
+def test_folder_without_write_permission_is_refused_before_folding(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verify: str
+) -> None:
+    """The same refusal where the tests run as root (who may write anywhere): the folder is
+    reported unwritable, and the fold never starts."""
+    import bnfold.api
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **kw: False if str(p) == str(ro) else real_access(p, mode, **kw)
+    )
+
+    def must_not_run(*a: object, **k: object) -> None:
+        raise AssertionError("the fold started")
+
+    monkeypatch.setattr(bnfold.api, "fold_path", must_not_run)
+    result = runner.invoke(app, [str(model), "-o", str(ro / "f.onnx"), verify])
+    assert result.exit_code == 2, result.output
+    one_error_line(result.stderr, "permission denied")
+    assert list(ro.iterdir()) == []
+
+
 # --------------------------------------------------------------------------------------------
 # 9: check's exit codes; one bad model does not stop the reports
 
