@@ -113,8 +113,8 @@ def test_fifo_output_is_refused_not_replaced(tmp_path, rng):
 @pytest.mark.parametrize("target", ["/dev/null", "/proc/self/fd/1"])
 def test_symlink_to_a_device_or_proc_is_refused(tmp_path, rng, target):
     """Before: the link was replaced by a regular file."""
-    if not os.path.exists(target) or os.path.isfile(target):
-        pytest.skip(f"{target} is not a special file here")
+    if not os.path.exists(target):
+        pytest.skip(f"{target} does not exist here")
     link = tmp_path / "out.onnx"
     link.symlink_to(target)
     assert_every_writer_refuses(link, rng, "special file")

@@ -10,7 +10,7 @@
 ``atomic``    the one atomic-write primitive (text, model, model + data), SIGTERM, stale cleanup
 ``datanames`` which data files a model uses, a save writes and retires; never overwriting inputs
 ``staging``   a candidate written beside its destination, then published as a pair
-``save``      ``save_model``: the wire format written directly, payloads streamed
+``save``      ``save_model``: the wire format written directly, payloads streamed; ``materialize``
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from .atomic import remove_stale, terminate_as_exit, write_text_atomic
 from .datanames import ensure_not_overwriting, model_files
 from .external import Source, Stub, data_files, is_lazy, source_dir_of, stub_of
 from .load import LAZY_THRESHOLD, load_model
-from .save import EXTERNAL_THRESHOLD, save_model
+from .save import EXTERNAL_THRESHOLD, materialize, save_model
 from .staging import Staging
-from .tensors import materialize, read_array
+from .tensors import read_array
 from .wire import copy_except
 
 __all__ = [

@@ -133,6 +133,13 @@ def check_output(path: str, display: str) -> None:
         raise InputError(
             f"{display}: is a special file (device, FIFO or socket), not a regular file; refusing to replace it"
         )
+    hop = path
+    for _ in range(40):  # the kernel's own limit on links followed
+        if not os.path.islink(hop):
+            break
+        hop = os.path.abspath(os.path.join(os.path.dirname(hop), os.readlink(hop)))
+        if hop.startswith(("/proc/", "/dev/")):  # /proc/self/fd/1 is whatever stdout is
+            raise InputError(f"{display}: is a link to {hop}, a special file; refusing to replace it")
     if os.path.islink(path) and st is None:
         raise InputError(f"{display}: is a dangling symbolic link; refusing to replace it")
     if not os.access(out_dir, os.W_OK | os.X_OK):

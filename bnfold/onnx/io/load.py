@@ -13,7 +13,7 @@ normally (and their external data loaded), so they are correct but not lazy.
 A stub is not a model onnxruntime or ``onnx.save`` understand: read values with
 :func:`~bnfold.onnx.io.tensors.read_array`, write the model with
 :func:`~bnfold.onnx.io.save.save_model`, or embed everything with
-:func:`~bnfold.onnx.io.tensors.materialize`.
+:func:`~bnfold.onnx.io.save.materialize`.
 """
 
 from __future__ import annotations

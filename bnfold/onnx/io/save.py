@@ -8,6 +8,8 @@ tensors serialized one at a time, stub and external payloads copied from their s
 with ``os.copy_file_range``. Fields come out in field-number order, so an embedded save is
 byte-for-byte what ``model.SerializeToString()`` gives.
 
+:func:`materialize` is the in-memory counterpart: every stub and external tensor embedded.
+
 The write is atomic (see :mod:`bnfold.onnx.io.atomic`). External data goes to
 ``<output file name>.data`` next to the output, or ``<output file name>.<n>.data`` when that
 name is a file the source model reads from or the model being replaced uses.
@@ -165,6 +167,24 @@ def save_model(
     with terminate_as_exit():
         remove_stale(os.path.dirname(out_path))
         _Writer(model, out_path, display, source_dir, external_data, location).run()
+
+
+def materialize(model: onnx.ModelProto, *, base_dir: str | None = None) -> None:
+    """Load every stub and external tensor of ``model`` into memory, in place.
+
+    Afterwards the model is an ordinary in-memory ModelProto that onnxruntime and ``onnx.save``
+    accept (subject to the 2 GB protobuf limit).
+    """
+    if base_dir is None:
+        base_dir = source_dir_of(model)
+    unmark_model(model)
+    for tensor in model_tensors(model):
+        if is_external(tensor) and not tensor.HasField("raw_data"):
+            path, offset, length, _ = payload_span(tensor, base_dir, f"tensor '{tensor.name}'")
+            set_embedded(tensor, read_bytes(path, offset, length))
+        elif is_external(tensor):
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
 
 
 class _Writer:

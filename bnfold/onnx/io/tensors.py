@@ -18,15 +18,7 @@ from onnx import numpy_helper
 
 from bnfold.errors import InputError
 
-from .external import (
-    is_external,
-    model_tensors,
-    payload_span,
-    read_bytes,
-    set_embedded,
-    source_dir_of,
-    unmark_model,
-)
+from .external import is_external, payload_span, read_bytes, set_embedded
 
 MAX_ELEMENTS = 2**48
 """No tensor in a model file declares more elements (256 T; the largest models have ~1 T bytes)."""
@@ -202,21 +194,3 @@ def _read_external(tensor: onnx.TensorProto, base_dir: str | None, where: str) -
     if stored is not dtype:  # pragma: no cover - big-endian hosts
         array = array.astype(dtype)
     return array.reshape(shape)
-
-
-def materialize(model: onnx.ModelProto, *, base_dir: str | None = None) -> None:
-    """Load every stub and external tensor of ``model`` into memory, in place.
-
-    Afterwards the model is an ordinary in-memory ModelProto that onnxruntime and ``onnx.save``
-    accept (subject to the 2 GB protobuf limit).
-    """
-    if base_dir is None:
-        base_dir = source_dir_of(model)
-    unmark_model(model)
-    for tensor in model_tensors(model):
-        if is_external(tensor) and not tensor.HasField("raw_data"):
-            path, offset, length, _ = payload_span(tensor, base_dir, f"tensor '{tensor.name}'")
-            set_embedded(tensor, read_bytes(path, offset, length))
-        elif is_external(tensor):
-            del tensor.external_data[:]
-            tensor.ClearField("data_location")
