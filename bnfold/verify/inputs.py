@@ -26,10 +26,13 @@ from .options import InputsLike
 __all__ = [
     "InputDecl",
     "declared_inputs",
+    "free_dims",
     "generate",
     "generated_samples",
     "load_inputs",
     "make_inputs",
+    "switch_inputs",
+    "unfixed_error",
     "user_samples",
 ]
 
@@ -65,8 +68,34 @@ def np_dtype(elem_type: int) -> np.dtype:
     return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
 
 
-def resolve_shapes(decls: Sequence[InputDecl], shapes: Mapping[str, Sequence[int]] | None) -> dict:
-    """Concrete shape per input: ``shapes`` first, then symbols they bind, then batch 1 on dim 0."""
+def free_dims(decls: Sequence[InputDecl], shapes: Mapping[str, Sequence[int]] | None) -> list[str]:
+    """The dimensions nothing fixes, other than a leading (batch) one: their symbol, or
+    ``input[i]`` for an unnamed one (the keys :func:`resolve_shapes` takes in ``bind``)."""
+    given = dict(shapes or {})
+    bound = set()  # symbols that ``shapes`` or a leading dimension fix
+    for d in decls:
+        for i, dim in enumerate(d.dims or ()):
+            if isinstance(dim, str) and dim and (d.name in given or i == 0):
+                bound.add(dim)
+    free: list[str] = []
+    for d in decls:
+        if d.name in given:
+            continue
+        for i, dim in enumerate(d.dims or ()):
+            key = dim or f"{d.name}[{i}]"
+            if i > 0 and not isinstance(dim, int) and key not in bound and key not in free:
+                free.append(key)
+    return free
+
+
+def resolve_shapes(
+    decls: Sequence[InputDecl],
+    shapes: Mapping[str, Sequence[int]] | None,
+    bind: Mapping[str, int] | None = None,
+) -> dict:
+    """Concrete shape per input: ``shapes`` first, then symbols they bind, then batch 1 on dim 0,
+    then ``bind`` (sizes chosen for :func:`free_dims`)."""
+    bind = dict(bind or {})
     shapes = dict(shapes or {})
     by_name = {d.name: d for d in decls}
     unknown = sorted(set(shapes) - set(by_name))
@@ -90,7 +119,7 @@ def resolve_shapes(decls: Sequence[InputDecl], shapes: Mapping[str, Sequence[int
             resolved[d.name] = tuple(int(s) for s in shapes[d.name])
             continue
         if d.dims is None:
-            raise ShapeError(f"input '{d.name}' has no declared shape: {_shape_hint(d)}")
+            raise unfixed_error(d, f"input '{d.name}' has no declared shape")
         out = []
         for i, dim in enumerate(d.dims):
             if isinstance(dim, int):
@@ -101,18 +130,26 @@ def resolve_shapes(decls: Sequence[InputDecl], shapes: Mapping[str, Sequence[int
                 out.append(1)
                 if dim:
                     symbols[dim] = 1
+            elif (dim or f"{d.name}[{i}]") in bind:
+                out.append(bind[dim or f"{d.name}[{i}]"])
             else:
                 what = f"'{dim}'" if dim else "unknown"
-                raise ShapeError(f"input '{d.name}' dimension {i} ({what}) is not fixed: {_shape_hint(d)}")
+                raise unfixed_error(d, f"input '{d.name}' dimension {i} ({what}) is not fixed")
         resolved[d.name] = tuple(out)
     return resolved
 
 
-def _shape_hint(d: InputDecl) -> str:
+def unfixed_error(d: InputDecl, what: str) -> ShapeError:
+    """A ShapeError in the API's words; ``cli_message`` says the same in the command line's."""
     if not d.dims:
-        return f"pass shapes={{'{d.name}': (1, 3, 224, 224)}} or --shape {d.name}=1x3x224x224"
-    example = "x".join(str(x) if isinstance(x, int) else (x or "?") for x in d.dims)
-    return f"pass shapes={{'{d.name}': (...)}} or --shape {d.name}={example} with numbers in place of names"
+        api, cli = f"shapes={{'{d.name}': (1, 3, 224, 224)}}", f"--shape {d.name}=1x3x224x224"
+    else:
+        dims = [str(x) if isinstance(x, int) else (x or "?") for x in d.dims]
+        api = f"shapes={{'{d.name}': ({', '.join(dims)})}} with numbers in place of names"
+        cli = f"--shape {d.name}={'x'.join(dims)} with numbers in place of names"
+    err = ShapeError(f"{what}: pass {api}")
+    err.cli_message = f"{what}: pass {cli}"  # type: ignore[attr-defined]  # the CLI shows this one
+    return err
 
 
 def generate(decls, shapes, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -127,17 +164,39 @@ def generate(decls, shapes, rng: np.random.Generator) -> dict[str, np.ndarray]:
         elif dtype.kind in "iu":
             sample[d.name] = rng.integers(0, 5, size=shape).astype(dtype)
         elif dtype.kind == "b":
-            sample[d.name] = rng.random(shape) < 0.5
+            sample[d.name] = np.asarray(rng.random(shape) < 0.5)  # a rank-0 draw is a numpy.bool_
         else:
             raise NotRun(f"cannot generate inputs of type {dtype.name} ('{d.name}'); pass inputs")
     return sample
 
 
-def generated_samples(decls, shapes, seed: int, samples: int) -> list[dict[str, np.ndarray]]:
+def generated_samples(
+    decls: Sequence[InputDecl],
+    shapes: Mapping[str, Sequence[int]] | None,
+    seed: int,
+    samples: int,
+    bind: Mapping[str, int] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """``samples`` seeded draws. A bool input of one element (an If condition) alternates True,
+    False, ... over the samples, and there are at least two of them, so both branches run."""
     if samples < 1:
         raise InputError(f"samples must be at least 1, not {samples}")
-    fixed, rng = resolve_shapes(decls, shapes), np.random.default_rng(seed)
-    return [generate(decls, fixed, rng) for _ in range(samples)]
+    fixed, rng = resolve_shapes(decls, shapes, bind), np.random.default_rng(seed)
+    switches = switch_inputs(decls, fixed)
+    drawn = [generate(decls, fixed, rng) for _ in range(max(samples, 2 if switches else 1))]
+    for i, sample in enumerate(drawn):
+        for name in switches:
+            sample[name] = np.full(fixed[name], i % 2 == 0)
+    return drawn
+
+
+def switch_inputs(decls: Sequence[InputDecl], shapes: Mapping[str, Sequence[int]]) -> list[str]:
+    """Bool inputs of one element: the ones that can steer an If."""
+    return [
+        d.name
+        for d in decls
+        if np_dtype(d.elem_type).kind == "b" and int(np.prod(shapes[d.name], dtype=np.int64)) == 1
+    ]
 
 
 def make_inputs(

@@ -47,7 +47,15 @@ from onnx import TensorProto, helper
 from ..report import InputSpec, VerifyReport, VerifyStatus
 from .compare import TensorStats, failure_summary, first_divergent, in_graph_order
 from .correspond import Pair, alias_candidates, output_pairs, pick_aliases, shared_by_name
-from .inputs import declared_inputs, generated_samples, user_samples
+from .inputs import (
+    InputDecl,
+    declared_inputs,
+    free_dims,
+    generated_samples,
+    switch_inputs,
+    unfixed_error,
+    user_samples,
+)
 from .interface import interface_problems, overrides
 from .models import PROVIDER, ModelLike, NotRun, OrtModel, first_line, open_model, run, session
 from .options import InputsLike, Shapes, VerifyOptions, verify_options
@@ -96,38 +104,118 @@ def verify_with(
     """:func:`verify` with its options in one :class:`VerifyOptions`."""
     start = time.perf_counter()
     ref, cand = open_model(reference, "reference"), open_model(candidate, "candidate")
-    atol, rtol = options.atol, options.rtol
     fields: dict[str, Any] = {"onnxruntime_version": ort.__version__, "provider": PROVIDER}
 
     def finish(status: VerifyStatus, message: str = "") -> VerifyReport:
         return VerifyReport(status=status, message=message, seconds=time.perf_counter() - start, **fields)
 
-    try:
-        decls = declared_inputs(ref.graph)
-        if options.inputs is None:
-            feeds = generated_samples(decls, options.shapes, options.seed, options.samples)
-            fields.update(seed=options.seed, input_source="generated")
-        else:
-            feeds, fields["input_source"] = user_samples(options.inputs, decls)
-        first = feeds[0]
-        fields["samples"] = len(feeds)
-        fields["inputs"] = tuple(
-            InputSpec(d.name, first[d.name].shape, first[d.name].dtype.name) for d in decls
-        )
-        if any(d.elem_type == TensorProto.BFLOAT16 for d in decls):
-            raise NotRun("onnxruntime's Python API cannot pass bfloat16 tensors")
-        cand_inputs = declared_inputs(cand.graph)
-    except NotRun as e:
-        return finish(VerifyStatus.NOT_RUN, str(e))
+    with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as tmp:
+        try:
+            decls, cand_inputs = declared_inputs(ref.graph), declared_inputs(cand.graph)
+        except NotRun as e:
+            return finish(VerifyStatus.NOT_RUN, str(e))
+        problems = interface_problems(ref, cand, decls, cand_inputs)
+        if problems:
+            return finish(VerifyStatus.FAILED, "interface differs: " + "; ".join(problems))
+        try:
+            feeds, notes = _feeds(ref, cand, decls, cand_inputs, options, fields, tmp)
+        except NotRun as e:
+            return finish(VerifyStatus.NOT_RUN, str(e))
+        return _compare(ref, cand, feeds, cand_inputs, options, intermediates, fields, notes, finish, tmp)
 
-    problems = interface_problems(ref, cand, decls, cand_inputs)
-    if problems:
-        return finish(VerifyStatus.FAILED, "interface differs: " + "; ".join(problems))
+
+def _feeds(
+    ref: OrtModel,
+    cand: OrtModel,
+    decls: Sequence[InputDecl],
+    cand_inputs: Sequence[InputDecl],
+    options: VerifyOptions,
+    fields: dict[str, Any],
+    tmp: str,
+) -> tuple[list[dict[str, np.ndarray]], list[str]]:
+    """The samples both models run on, and notes on how they were chosen."""
+    notes = []
+    if options.inputs is None:
+        free = free_dims(decls, options.shapes)
+        bound = _bind(ref, cand, decls, cand_inputs, options, free, tmp) if free else {}
+        feeds = generated_samples(decls, options.shapes, options.seed, options.samples, bound)
+        fields.update(seed=options.seed, input_source="generated", bound_dims=bound)
+        switches = switch_inputs(decls, {n: a.shape for n, a in feeds[0].items()})
+        if switches:
+            ifs = [
+                n.name or n.output[0] for n in ref.graph.node if n.op_type == "If" and n.input[0] in switches
+            ]
+            ran = f": If {ifs} ran both branches" if ifs else ""
+            notes.append(f"bool input(s) {switches} took True and False{ran}")
+    else:
+        feeds, fields["input_source"] = user_samples(options.inputs, decls)
+    first = feeds[0]
+    fields["samples"] = len(feeds)
+    fields["inputs"] = tuple(InputSpec(d.name, first[d.name].shape, first[d.name].dtype.name) for d in decls)
+    if any(d.elem_type == TensorProto.BFLOAT16 for d in decls):
+        raise NotRun("onnxruntime's Python API cannot pass bfloat16 tensors")
+    return feeds, notes
+
+
+BIND_SIZES = (16, 32, 64, 8, 128, 224, 4, 3)
+"""Sizes tried, in order, for a symbolic dimension nothing fixes (1 is never tried: it broadcasts)."""
+
+
+def _bind(
+    ref: OrtModel,
+    cand: OrtModel,
+    decls: Sequence[InputDecl],
+    cand_inputs: Sequence[InputDecl],
+    options: VerifyOptions,
+    free: Sequence[str],
+    tmp: str,
+) -> dict[str, int]:
+    """One size for every free dimension that both models run with (one seeded sample)."""
+    level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref.prepare(tmp)
+    cand.prepare(tmp)
+    sessions = [(session(ref, (), level), ref, [d.name for d in decls])]
+    sessions.append((session(cand, (), level), cand, [d.name for d in cand_inputs]))
+    for size in BIND_SIZES:
+        bind = dict.fromkeys(free, size)
+        sample = generated_samples(decls, options.shapes, options.seed, 1, bind)[0]
+        try:
+            for sess, model, names in sessions:
+                run(sess, model, {n: sample[n] for n in names})
+        except NotRun as e:
+            log.debug("free dimensions %s = %d do not run: %s", list(free), size, e)
+            continue
+        return bind
+    d, i, dim = next(
+        (d, i, x) for d in decls for i, x in enumerate(d.dims or ()) if (x or f"{d.name}[{i}]") == free[0]
+    )
+    what = f"'{dim}'" if dim else "unknown"
+    raise unfixed_error(
+        d,
+        f"input '{d.name}' dimension {i} ({what}) is not fixed, and no size in {list(BIND_SIZES)} "
+        f"for {list(free)} runs both models",
+    )
+
+
+def _compare(
+    ref: OrtModel,
+    cand: OrtModel,
+    feeds: Sequence[dict[str, np.ndarray]],
+    cand_inputs: Sequence[InputDecl],
+    options: VerifyOptions,
+    intermediates: bool,
+    fields: dict[str, Any],
+    notes: list[str],
+    finish: Any,
+    tmp: str,
+) -> VerifyReport:
+    """Pair the tensors, run, compare, check the weights, and say what failed first."""
+    atol, rtol = options.atol, options.rtol
     ref_outs, cand_outs = [o.name for o in ref.graph.output], [o.name for o in cand.graph.output]
     outputs, problem, note = output_pairs(ref_outs, cand_outs)
     if problem:
         return finish(VerifyStatus.FAILED, problem)
-    notes = [note] if note else []
+    notes += [note] if note else []
     plan = _Plan(outputs)
     if intermediates:
         plan.add_intermediates(ref, cand)
@@ -135,7 +223,7 @@ def verify_with(
     cand_feeds = [{d.name: feed[d.name] for d in cand_inputs} for feed in feeds]
     try:
         plan.overrides = overrides(ref, options.seed)
-        stats, ignored = _execute(ref, cand, plan, feeds, cand_feeds, fields, notes, (atol, rtol))
+        stats, ignored = _execute(ref, cand, plan, feeds, cand_feeds, fields, notes, (atol, rtol), tmp)
     except NotRun as e:
         return finish(VerifyStatus.NOT_RUN, str(e))
     if ignored:
@@ -208,6 +296,7 @@ def _execute(
     fields: dict[str, Any],
     notes: list[str],
     tolerances: tuple[float | None, float | None],
+    tmp: str,
 ) -> tuple[list[TensorStats], str]:
     """Run both models at ``ORT_DISABLE_ALL`` on every sample and compare the pairs; then once
     more with the overridable initializers perturbed (the outputs must still agree: a sentence
@@ -224,56 +313,55 @@ def _execute(
     ref_names = [o.name for o in ref.graph.output] + [v.name for v in ref_extra]
     cand_names = [o.name for o in cand.graph.output] + [v.name for v in cand_extra]
     stats: list[TensorStats] = []
-    with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as tmp:
-        ref.prepare(tmp)
-        cand.prepare(tmp)
-        ref_sess = session(ref, ref_extra, level.ORT_DISABLE_ALL)
-        cand_sess = session(cand, cand_extra, level.ORT_DISABLE_ALL)
-        try:
-            calib_sess = session(ref, ref_extra, level.ORT_ENABLE_ALL)
-        except NotRun as e:
+    ref.prepare(tmp)
+    cand.prepare(tmp)
+    ref_sess = session(ref, ref_extra, level.ORT_DISABLE_ALL)
+    cand_sess = session(cand, cand_extra, level.ORT_DISABLE_ALL)
+    try:
+        calib_sess = session(ref, ref_extra, level.ORT_ENABLE_ALL)
+    except NotRun as e:
+        calib_sess = None
+        notes.append(f"tolerances not calibrated: {e}")
+    for i, (feed, cand_feed) in enumerate(zip(feeds, cand_feeds)):
+        r = dict(zip(ref_names, run(ref_sess, ref, feed)))
+        c = dict(zip(cand_names, run(cand_sess, cand, cand_feed)))
+        calibration = _calibration(calib_sess, ref, feed, ref_names)
+        if calibration is None and calib_sess is not None:
             calib_sess = None
-            notes.append(f"tolerances not calibrated: {e}")
-        for i, (feed, cand_feed) in enumerate(zip(feeds, cand_feeds)):
-            r = dict(zip(ref_names, run(ref_sess, ref, feed)))
-            c = dict(zip(cand_names, run(cand_sess, cand, cand_feed)))
-            calibration = _calibration(calib_sess, ref, feed, ref_names)
-            if calibration is None and calib_sess is not None:
-                calib_sess = None
-                notes.append("tolerances not calibrated: the reference did not run at ORT_ENABLE_ALL")
-            if i == 0:
-                pairs = plan.pairs + pick_aliases(plan.chains, r, c)
-                stats = [
-                    TensorStats(p.ref, p.kind, *tolerances, cand_name=p.cand, matched_by=p.matched_by)
-                    for p in pairs
-                ]
-            for s in stats:
-                s.add(r[s.name], c[s.cand_name], calibration[s.name] if calibration else None)
-        fields["calibrated"] = calib_sess is not None
-        ignored = ""
-        if plan.overrides:
-            outs = [p for p in plan.pairs if p.kind == "output"]
-            feed, cand_feed = {**feeds[0], **plan.overrides}, {**cand_feeds[0], **plan.overrides}
-            r = dict(zip(ref_names, run(ref_sess, ref, feed)))
-            c = dict(zip(cand_names, run(cand_sess, cand, cand_feed)))
-            k = _calibration(calib_sess, ref, feed, ref_names)
-            checks = [TensorStats(p.ref, "output", *tolerances) for p in outs]
-            for s, p in zip(checks, outs):
-                s.add(r[p.ref], c[p.cand], k[p.ref] if k else None)
-            bad = [s.result() for s in checks if not s.result().passed]
-            if bad:
-                ignored = (
-                    f"with the overridable initializer(s) {sorted(plan.overrides)} fed perturbed values, "
-                    f"output '{bad[0].name}' differs (max_rel {bad[0].max_rel:.3g}): the candidate "
-                    "does not use them as the reference does"
-                )
-        del ref_sess, cand_sess, calib_sess
-        try:
-            run(session(cand, (), level.ORT_ENABLE_ALL), cand, cand_feeds[0])
-            fields["candidate_runs_optimized"] = True
-        except NotRun as e:
-            fields["candidate_runs_optimized"] = False
-            notes.append(f"at ORT_ENABLE_ALL: {e}")
+            notes.append("tolerances not calibrated: the reference did not run at ORT_ENABLE_ALL")
+        if i == 0:
+            pairs = plan.pairs + pick_aliases(plan.chains, r, c)
+            stats = [
+                TensorStats(p.ref, p.kind, *tolerances, cand_name=p.cand, matched_by=p.matched_by)
+                for p in pairs
+            ]
+        for s in stats:
+            s.add(r[s.name], c[s.cand_name], calibration[s.name] if calibration else None)
+    fields["calibrated"] = calib_sess is not None
+    ignored = ""
+    if plan.overrides:
+        outs = [p for p in plan.pairs if p.kind == "output"]
+        feed, cand_feed = {**feeds[0], **plan.overrides}, {**cand_feeds[0], **plan.overrides}
+        r = dict(zip(ref_names, run(ref_sess, ref, feed)))
+        c = dict(zip(cand_names, run(cand_sess, cand, cand_feed)))
+        k = _calibration(calib_sess, ref, feed, ref_names)
+        checks = [TensorStats(p.ref, "output", *tolerances) for p in outs]
+        for s, p in zip(checks, outs):
+            s.add(r[p.ref], c[p.cand], k[p.ref] if k else None)
+        bad = [s.result() for s in checks if not s.result().passed]
+        if bad:
+            ignored = (
+                f"with the overridable initializer(s) {sorted(plan.overrides)} fed perturbed values, "
+                f"output '{bad[0].name}' differs (max_rel {bad[0].max_rel:.3g}): the candidate "
+                "does not use them as the reference does"
+            )
+    del ref_sess, cand_sess, calib_sess
+    try:
+        run(session(cand, (), level.ORT_ENABLE_ALL), cand, cand_feeds[0])
+        fields["candidate_runs_optimized"] = True
+    except NotRun as e:
+        fields["candidate_runs_optimized"] = False
+        notes.append(f"at ORT_ENABLE_ALL: {e}")
     return stats, ignored
 
 
