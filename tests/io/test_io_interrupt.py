@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import onnx
@@ -179,3 +180,51 @@ def test_sigterm_handler_is_restored_and_a_callers_own_is_respected(tmp_path, rn
                 pass
         assert info.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+RANDOM_CHILD = textwrap.dedent(
+    """
+    import sys
+    import bnfold.onnx.io as bio
+    src, dst = sys.argv[1], sys.argv[2]
+    model = bio.load_model(src, lazy=True)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    bio.save_model(model, dst, external_data=True)
+    """
+)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_killed_at_a_random_moment_of_a_save_leaves_a_consistent_pair(tmp_path, seed):
+    """SIGKILL at a seeded random instant of a ~24 MB external-data save, over an existing pair
+    (on the development machine seeds 0-2 land mid-write, seed 3 after the save)."""
+    rng = np.random.default_rng(seed)
+    big = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", f"w{i}"], [f"y{i}"]) for i in range(6)],
+        "big",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1 << 20])],
+        [onnx.helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, [1 << 20]) for i in range(6)],
+        [numpy_helper.from_array(rng.normal(size=1 << 20).astype(np.float32), f"w{i}") for i in range(6)],
+    )
+    model = onnx.helper.make_model(big, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    (tmp_path / "src").mkdir()
+    src = str(tmp_path / "src" / "m.onnx")
+    bio.save_model(model, src)
+    dst = str(tmp_path / "out.onnx")
+    old_model = onnx.ModelProto()
+    old_model.CopyFrom(model)
+    del old_model.graph.initializer[-1]
+    bio.save_model(old_model, dst, external_data=True)
+    old = full(dst)
+    child = subprocess.Popen(
+        [sys.executable, "-c", RANDOM_CHILD, src, dst], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert child.stdout.readline() == b"ready\n"
+    child.stdin.write(b"go\n")
+    child.stdin.flush()
+    time.sleep(rng.uniform(0, 0.15))
+    child.kill()
+    child.wait(timeout=60)
+    got = full(dst)
+    assert got in (old, canonical(model))
