@@ -136,9 +136,9 @@ def _generic(g: GraphBuilder, input_shape: Shape, out: str) -> onnx.ModelProto:
 
 
 def conv_bias_add(seed: int) -> onnx.ModelProto:
-    """A bias-only ``Add`` after a bias-less layer: ``Conv -> Add (1,C,1,1)`` and ``Conv -> Add
-    (C,1,1)`` (the shape exporters leave when a bias is a separate op: paddle2onnx's
-    ``elementwise_add``, tf2onnx's ``BiasAdd`` when it is not fused, hand-built graphs).
+    """A bias-only ``Add`` after a bias-less layer, written by hand: ``Conv -> Add (1,C,1,1)`` (how
+    paddle2onnx writes every conv bias, see ``paddle2onnx-identity-bn``, here with nothing after
+    it) and ``Conv -> Add (C,1,1)`` (the other channel-only broadcast form).
 
     A correct folder absorbs both Adds into their Conv's bias exactly (creating it).
     """

@@ -86,6 +86,15 @@ def test_a_matmul_bias_add_is_not_a_structure_but_its_scale_is() -> None:
     assert coverage.count_structures(model) == coverage.Structures(0, 2, 0)
 
 
+def test_graph_feeds_are_seeded_and_feed_a_symbolic_batch_as_1(tmp_path: Path) -> None:
+    path = tmp_path / "k.onnx"
+    path.write_bytes(converters.build("keras3-mobilenet").SerializeToString())
+    feeds = coverage.graph_feeds(str(path))
+    assert list(feeds) == ["keras_tensor"] and feeds["keras_tensor"].shape == (1, 16, 16, 3)
+    assert feeds["keras_tensor"].dtype == np.float32
+    assert np.array_equal(feeds["keras_tensor"], coverage.graph_feeds(str(path))["keras_tensor"])
+
+
 def test_relative_error_scales_by_the_reference_and_catches_non_finite_changes() -> None:
     ref = np.array([1.0, -4.0, np.inf, np.nan], np.float32)
     assert coverage.relative_error(ref, ref.copy()) == 0.0
