@@ -130,6 +130,7 @@ def fold_loaded(
         exclude=excluded,
         force=force,
         intermediates=intermediates,
+        unchanged=(lambda folded: folded.graph == model.graph) if reference is None else None,
     )
     folded = done.payload
     if inplace:
@@ -214,7 +215,13 @@ def fold_path(
             return path, rep, model
 
         if verify:
-            done = fold_verified(make_staged, src, options=opts, exclude=frozenset(exclude), force=force)
+
+            def unchanged(folded: onnx.ModelProto) -> bool:
+                return folded.graph == load_model(src, lazy=True).graph
+
+            done = fold_verified(
+                make_staged, src, options=opts, exclude=frozenset(exclude), force=force, unchanged=unchanged
+            )
             model, report, verification = done.payload, done.report, done.verification
         else:
             _, report, model = make(frozenset(exclude), stage.path, stage.location)

@@ -134,3 +134,47 @@ def test_fold_loaded_verifies_against_a_separate_reference(rng):
     assert result.model is candidate and count_bn(candidate) == 0
     assert result.verification.passed and result.verification.compared_on == "outputs"
     assert not result.verification.intermediates and not result.verification.weights
+
+
+@pytest.fixture
+def no_onnxruntime(monkeypatch):
+    """Any onnxruntime session raises: proves a run needed none."""
+    import onnxruntime
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an onnxruntime session was created")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+
+
+def relu_only(rng) -> onnx.ModelProto:
+    g = conv_bn(rng)
+    model = g.model()
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    for a in bn.attribute:
+        if a.name == "training_mode":
+            break
+    else:
+        bn.attribute.append(onnx.helper.make_attribute("training_mode", 1))
+    bn.output.extend(["rm", "rv"])  # training mode wants its statistics outputs
+    return model
+
+
+def test_nothing_folded_needs_no_onnxruntime_run(rng, tmp_path, no_onnxruntime):
+    """Issue 13: verification ran in full when nothing was folded (22 s and 2 GB for a MaxViT
+    export with zero folds). An unchanged graph is the reference."""
+    model = relu_only(rng)
+    result = fold_onnx(model, verify=True)
+    assert not result.report.folded and result.report.skipped
+    v = result.verification
+    assert v.passed and v.compared_on == "unchanged" and v.samples == 0 and "no onnxruntime run" in v.message
+    src = tmp_path / "m.onnx"
+    onnx.save(model, str(src))
+    result = fold_path(src, tmp_path / "out.onnx")
+    assert result.verification.compared_on == "unchanged" and (tmp_path / "out.onnx").exists()
+
+
+def test_a_fold_is_still_verified_with_onnxruntime(rng):
+    result = fold_onnx(conv_bn(rng).model(), verify=True)
+    assert result.report.folded and result.verification.compared_on == "outputs+intermediates"
+    assert result.verification.samples == 3
