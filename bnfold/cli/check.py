@@ -49,7 +49,7 @@ from bnfold.cli.options import (
     VersionOption,
     shapes_of,
 )
-from bnfold.cli.paths import check_writable, refuse_report_over
+from bnfold.cli.paths import check_writable, refuse_report_over, refuse_writing_over_data
 from bnfold.cli.reports import emit_json
 from bnfold.cli.results import CheckOptions, CheckResult, CheckStatus, ModelCheck
 from bnfold.cli.stats import model_stats
@@ -130,6 +130,7 @@ def check_command(
     protected = [*paths, *([against] if against else [])]
     refuse_report_over(json_file, "--json-file", protected)
     refuse_report_over(junit_xml, "--junit-xml", protected)
+    refuse_writing_over_data(protected, [json_file, junit_xml])
     if against is not None:
         if len(paths) + len(unfound) != 1:
             raise typer.BadParameter(

@@ -36,6 +36,7 @@ from bnfold.cli.paths import (
     check_writable,
     make_folders,
     refuse_report_over,
+    refuse_writing_over_data,
     remove_empty_folders,
     resolve_paths,
     same_file,
@@ -168,6 +169,7 @@ def fold_command(
     target = resolve_paths(model, out, output, in_place=in_place, factory=factory)
     check_writable(json_file, "--json-file")
     refuse_report_over(json_file, "--json-file", [target.source, target.output])
+    refuse_writing_over_data([target.source], [json_file, None if in_place else target.output])
     if weights and not factory:
         raise typer.BadParameter("--weights needs --factory", param_hint="--weights")
     request = FoldRequest(

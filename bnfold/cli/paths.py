@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import typer
 
 from bnfold.cli.options import UsageError
-from bnfold.errors import InputError
+from bnfold.errors import BnfoldError, InputError
+from bnfold.onnx.io import model_files
 from bnfold.onnx.io.atomic import check_output
 
 TORCH_SUFFIXES = (".pt2", ".pt", ".pth", ".ts")
@@ -153,6 +154,25 @@ def refuse_report_over(report: str | None, option: str, protected: Iterable[str]
             raise typer.BadParameter(
                 f"{report} names a model of this run ({path}); write the report elsewhere", param_hint=option
             )
+
+
+def refuse_writing_over_data(models: Iterable[str], targets: Iterable[str | None]) -> None:
+    """Refuse a target (the output, a report) that is an external-data file one of ``models``
+    reads: the model would lose its weights. A model that cannot be read protects only itself
+    (its own error is reported where it is loaded)."""
+    wanted = [t for t in targets if t]
+    for model in models if wanted else ():
+        if not model.lower().endswith(".onnx"):
+            continue
+        try:
+            data = model_files(model) - {os.path.realpath(model)}
+        except (BnfoldError, OSError, ValueError):
+            continue
+        for target in wanted:
+            if os.path.realpath(target) in data:
+                raise InputError(
+                    f"{target}: is a data file of {model} (its weights); refusing to overwrite it (write elsewhere)"
+                )
 
 
 def check_writable(path: str | None, option: str) -> None:

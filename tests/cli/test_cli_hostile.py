@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from cli_builders import conv_bn_model, one_error_line, save
 from test_cli_output import bnfold_exe
@@ -282,3 +283,64 @@ def test_library_warnings_stay_off_stderr_unless_debug(model: Path, debug: bool)
     assert ("overflow encountered" in proc.stderr) is debug
     if not debug:
         assert proc.stderr == ""
+
+
+# --------------------------------------------------------------------------------------------
+# 1: never write over an input's external data
+
+
+def external_model(folder: Path, rng: np.random.Generator, name: str, location: str) -> Path:
+    path = folder / name
+    onnx.save(
+        conv_bn_model(rng, second_bn=True),
+        str(path),
+        save_as_external_data=True,
+        location=location,
+        size_threshold=0,
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("location", "args"),
+    [
+        ("m.folded.onnx", []),
+        ("m.onnx.data", ["-o", "{d}/m.onnx.data"]),
+        ("m.onnx.data", ["{d}/m.onnx.data"]),
+        ("m.onnx.data", ["-o", "{d}/f.onnx", "--json-file", "{d}/m.onnx.data"]),
+        ("m.onnx.data", ["--json={d}/w.json", "-o", "{d}/f.onnx", "--json-file", "{d}/m.onnx.data"]),
+    ],
+    ids=[
+        "default-output-is-the-data-file",
+        "dash-o-data-file",
+        "positional-data-file",
+        "json-file",
+        "json-twice",
+    ],
+)
+def test_outputs_never_replace_the_inputs_data(
+    tmp_path: Path, rng: np.random.Generator, location: str, args: list[str]
+) -> None:
+    """Before: 'bnfold m.onnx' destroyed an input whose data file was named m.folded.onnx; -o or a
+    report path naming the data file replaced the weights."""
+    src = external_model(tmp_path, rng, "m.onnx", location)
+    before = files(tmp_path)
+    result = runner.invoke(app, [str(src), *(a.format(d=tmp_path) for a in args)])
+    assert result.exit_code == 2, result.output
+    one_error_line(result.stderr, location, "data file of", "refusing to overwrite")
+    assert files(tmp_path) == before
+
+
+def test_check_report_never_replaces_a_models_data(tmp_path: Path, rng: np.random.Generator) -> None:
+    src = external_model(tmp_path, rng, "m.onnx", "weights.bin")
+    before = files(tmp_path)
+    proc = subprocess.run(
+        [*bnfold_exe(), "check", str(src), "--junit-xml", str(tmp_path / "weights.bin")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    one_error_line(proc.stderr, "weights.bin", "data file of")
+    assert files(tmp_path) == before
