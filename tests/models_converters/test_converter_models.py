@@ -92,6 +92,11 @@ def _bypass(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
 # --------------------------------------------------------------------------- every model
 
 
+def test_every_builder_has_one_registry_entry() -> None:
+    assert list(converters.BUILDERS) == NAMES and len(set(NAMES)) == len(NAMES)
+    assert not set(NAMES) & set(registry.REGISTRY)
+
+
 @pytest.mark.parametrize("name", NAMES, ids=NAMES)
 def test_passes_the_full_checker_and_matches_its_registry_entry(name: str) -> None:
     model = _build(name)
