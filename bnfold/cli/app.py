@@ -12,11 +12,14 @@ traceback. Heavy modules (onnxruntime, torch) are imported only when a command n
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import typer
@@ -30,6 +33,7 @@ from bnfold.cli.results import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_TERMINATED,
     EXIT_USAGE,
     Interrupted,
 )
@@ -120,7 +124,7 @@ class BnfoldGroup(TyperGroup):
     ) -> Any:
         args = list(sys.argv[1:] if args is None else args)
         try:
-            with logging_to_stderr(args):
+            with logging_to_stderr(args), _sigterm_as_exit():
                 rv = super().main(
                     args=args,
                     prog_name=prog_name or "bnfold",
@@ -135,6 +139,24 @@ class BnfoldGroup(TyperGroup):
         if standalone_mode:
             sys.exit(code)
         return code
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (what CI sends on cancel) unwinds like Ctrl-C: ``finally`` blocks remove the
+    staging files, then one line and exit 143. Only the main thread can set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _exit_code_of(exc: BaseException, *, debug: bool) -> int:
@@ -163,6 +185,9 @@ def _exit_code_of(exc: BaseException, *, debug: bool) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
         return EXIT_BROKEN_PIPE
+    if isinstance(exc, SystemExit) and exc.code == EXIT_TERMINATED:  # SIGTERM: cleaned up on the way out
+        print("bnfold: terminated; nothing was written", file=sys.stderr, flush=True)
+        return EXIT_TERMINATED
     if not isinstance(exc, Exception):  # SystemExit, GeneratorExit: not a failure of ours
         raise exc
     if debug:  # a bug: one line (exit 3) rather than a bare traceback

@@ -23,6 +23,7 @@ EXIT_USAGE = 2
 EXIT_INTERNAL = 3
 """A bug in bnfold."""
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process killed by it
 
 

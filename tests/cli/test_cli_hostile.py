@@ -344,3 +344,26 @@ def test_check_report_never_replaces_a_models_data(tmp_path: Path, rng: np.rando
     assert proc.returncode == 2 and proc.stdout == ""
     one_error_line(proc.stderr, "weights.bin", "data file of")
     assert files(tmp_path) == before
+
+
+def test_sigterm_cleans_up_like_ctrl_c(model: Path) -> None:
+    """Issue 10 item 6: SIGTERM (what CI sends on cancel) killed the run outright and left a hidden
+    .bnfold-* staging folder as large as the model."""
+    out_dir = model.parent / "deploy"
+    out_dir.mkdir()
+    proc = subprocess.Popen(
+        [*bnfold_exe(), str(model), "-o", str(out_dir / "f.onnx"), "--samples", "2000000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not os.listdir(out_dir) and time.monotonic() < deadline:  # wait for the staging folder
+        time.sleep(0.05)
+    assert [n for n in os.listdir(out_dir) if n.startswith(".bnfold")], "the run stages beside the output"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.splitlines()[-1] == "bnfold: terminated; nothing was written" and "Traceback" not in err
+    assert os.listdir(out_dir) == [], "no staging folder or partial output left"
