@@ -1,12 +1,12 @@
 """The ``bnfold`` command line (see :mod:`bnfold.cli.app`): ``main`` is the console script's entry.
 
-app.py        the typer app, routing ``bnfold MODEL`` to ``fold``, error mapping, ``main``
-options.py    shared options and their parsing (--shape, --json [PATH])
-fold.py       the fold command (ONNX); fold_torch.py its PyTorch path
-paths.py      where a fold reads and writes; request.py its checked options and outcomes
+app.py        the typer app: routing ``bnfold MODEL`` to ``fold``, help, error mapping, ``main``
+options.py    the shared options and their parsing (--shape, --json [PATH])
+fold.py       the fold command (ONNX); fold_torch.py its PyTorch path; request.py its checked
+              options and outcomes; paths.py where it reads and writes; names.py --exclude/--shape names
 check.py      the check command and the model-checking library; stats.py, junit.py
-results.py    the outcomes, exit codes and JSON documents; render.py their rich rendering
-console.py    stdout/stderr, progress, logging; reports.py the report files
+results.py    the outcomes, exit codes and JSON documents; render.py and tables.py for people
+console.py    stdout/stderr, progress, logging, streams; reports.py the JSON report; versions.py
 """
 
 from bnfold.cli.app import app, main
