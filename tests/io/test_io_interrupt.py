@@ -23,7 +23,7 @@ from io_models import canonical, conv_bn_mlp, full, small_stub_threshold  # noqa
 from onnx import numpy_helper
 
 import bnfold.onnx.io as bio
-from bnfold.onnx.io.atomic import KILL_HOOK
+from bnfold.onnx.io.atomic import KILL_HOOK, owned_name
 
 CHILD = textwrap.dedent(
     """
@@ -151,13 +151,15 @@ def test_stale_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path, rng):
     first = leftovers(str(tmp_path))
     assert len(first) == 2 and all(n.endswith(".tmp") for n in first)  # model and data temporaries
     assert run_child(src, dst, "staging", True, "written", "KILL") == -signal.SIGKILL
-    second = leftovers(str(tmp_path))  # the second run removed the first one's
+    second = stale = leftovers(str(tmp_path))  # the second run removed the first one's
     assert len(second) == 1 and os.path.isdir(tmp_path / second[0]) and not set(first) & set(second)
     assert os.listdir(tmp_path / second[0])  # the staging folder holds the killed run's files
-    mine = tmp_path / f".bnfold-{os.getpid()}-00000000.keep.tmp"
-    mine.write_bytes(b"a live process's temporary file")
+    live = tmp_path / f"{owned_name('keep', '.tmp')}"  # this process's: alive
+    live.write_bytes(b"a live process's temporary file")
+    elsewhere = tmp_path / f".bnfold-{stale[0].split('-')[1]}-00000000-0000.keep.tmp"
+    elsewhere.write_bytes(b"the same pid in another container sharing the folder")
     bio.save_model(conv_bn_mlp(rng), tmp_path / "other.onnx")
-    assert leftovers(str(tmp_path)) == [mine.name]
+    assert leftovers(str(tmp_path)) == sorted([live.name, elsewhere.name])
 
 
 def test_sigterm_handler_is_restored_and_a_callers_own_is_respected(tmp_path, rng):

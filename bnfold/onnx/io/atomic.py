@@ -6,18 +6,22 @@ with external data is a *pair*: its data is written under a name the old model d
 renamed into place first, then the model, and only then is the old model's data removed --
 at every instant the model at the destination has the data it was written with.
 
-Temporary files and staging folders are named ``.bnfold-<pid>-<random>...``: a later run
-removes those whose process is gone (after a SIGKILL). SIGTERM, what CI sends on cancel, is
+Temporary files and staging folders are named ``.bnfold-<pid>-<machine>-<random>...``: a later
+run on the same machine (host, boot, pid namespace) removes those whose process is gone (after
+a SIGKILL). SIGTERM, what CI sends on cancel, is
 turned into ``SystemExit(143)`` while bnfold writes, so the same cleanup runs as for Ctrl-C.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import threading
 from collections.abc import Iterator, Sequence
@@ -25,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from bnfold.errors import BnfoldError, InputError
 
 PREFIX = ".bnfold-"
-_OWNED = re.compile(r"^\.bnfold-(\d+)-[0-9a-f]+")
+_OWNED = re.compile(r"^\.bnfold-(\d+)-([0-9a-f]{8})-[0-9a-f]+")
 KILL_HOOK = "BNFOLD_TEST_KILL_AT"
 """Test hook: ``<point>`` or ``<point>#<n>`` (the n-th time it is reached; points are
 ``written``, ``data-renamed``, ``model-renamed``) at which the process sends itself the signal
@@ -45,10 +49,23 @@ def kill_point(point: str) -> None:
         os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
 
 
+@functools.cache
+def _machine() -> str:
+    """Which pid namespace a pid belongs to: host name, boot and pid namespace, hashed. Another
+    container or host writing to the same shared folder has other pids: never judged by ours."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
+        parts.append(f.read().strip())
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    return hashlib.sha1("|".join(parts).encode(), usedforsecurity=False).hexdigest()[:8]
+
+
 def owned_name(name: str = "", suffix: str = "") -> str:
-    """A fresh hidden name that records this process: ``.bnfold-<pid>-<random>[.name][suffix]``."""
+    """A fresh hidden name that records this process:
+    ``.bnfold-<pid>-<machine>-<random>[.name][suffix]``."""
     tail = f".{name}" if name else ""
-    return f"{PREFIX}{os.getpid()}-{os.urandom(4).hex()}{tail}{suffix}"
+    return f"{PREFIX}{os.getpid()}-{_machine()}-{os.urandom(4).hex()}{tail}{suffix}"
 
 
 def _alive(pid: int) -> bool:
@@ -70,7 +87,10 @@ def remove_stale(directory: str) -> list[str]:
         return removed
     for name in names:
         match = _OWNED.match(name)
-        if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+        if match is None or match.group(2) != _machine():
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or _alive(pid):
             continue
         path = os.path.join(directory, name)
         with contextlib.suppress(OSError):
