@@ -1,11 +1,20 @@
-"""The ONNX pass: fold inference-mode BatchNormalization into the layer that produces its input.
+"""The ONNX pass: fold per-channel affine maps into the layers next to them.
 
-For every scope (the main graph, If/Loop/Scan bodies with outer-scope constants, model-local
-functions), :func:`try_fold` turns each BN into a source (:mod:`.sources`), asks the
-producing layer's check for a plan (:mod:`.absorb`) and applies it (:mod:`.rewrite`), or
-reports why not. Rounds repeat until nothing folds, so ``Conv -> BN -> BN`` folds both and a
-second run finds nothing. What folding left dead (constant chains, initializers) is removed at
-the end. The pass mutates the model it is given; it never verifies (see ``bnfold.api``).
+Sources (:mod:`.sources`): inference-mode BatchNormalization, and chains of Mul/Add/Sub/Div
+by per-channel constants (a chain of ``+ c`` alone is a bias Add). For each, in graph order:
+
+1. backward into the layer producing its input (:mod:`.absorb`), looking through Identity,
+   Dropout, Transpose, Reshape, Flatten, Squeeze, Unsqueeze (:mod:`.paths`); a BN after a
+   channel Concat is split per branch (:mod:`.concat`);
+2. else forward into the Gemm, MatMul or unpadded Conv it feeds (:mod:`.forward`);
+3. else it is left, with a reason (every BN; a chain only when the refusal is about its own
+   shape: a (C,) constant on a 4-D tensor, (1,C,H,W), a division by zero...).
+
+Checks are pure and return a plan; :func:`~.rewrite.apply` does all surgery under the name
+rule. Every scope (the main graph, If/Loop/Scan bodies with outer-scope constants,
+model-local functions) runs to a fixed point, so ``Conv -> BN -> BN`` folds both and a second
+run finds nothing; what folding left dead is removed at the end. The pass mutates the model it
+is given and never verifies (``bnfold.api`` does).
 """
 
 from __future__ import annotations

@@ -137,3 +137,48 @@ def test_channel_vector_accepts_only_per_column_constants(shape, ok):
         np.testing.assert_array_equal(
             out, np.broadcast_to(v.reshape(-1), (4,)) if v.size > 1 else np.full(4, v.item())
         )
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_forward_conv_scales_each_input_channel_and_moves_the_shift_into_the_bias(rng, groups):
+    """conv(s*x + t) == conv'(x) for an unpadded Conv, checked on a direct float64 convolution."""
+    c_in, c_out = 4, 8
+    w = rng.normal(0, 1, (c_out, c_in // groups, 2, 2)).astype(np.float32)
+    aff = fold_math.Affine(scale=rng.uniform(0.5, 2, c_in), shift=rng.normal(0, 1, c_in))
+    w_new, why, delta = fold_math.forward_conv(w, aff, groups)
+    assert why == "" and w_new is not None and w_new.dtype == np.float32
+
+    def conv(x, weight):  # x (C_in, 2, 2) with a 2x2 kernel: one output position
+        out = np.zeros(c_out)
+        for o in range(c_out):
+            g = o // (c_out // groups)
+            chans = range(g * (c_in // groups), (g + 1) * (c_in // groups))
+            out[o] = sum((weight[o, i] * x[c]).sum() for i, c in enumerate(chans))
+        return out
+
+    x = rng.normal(0, 1, (c_in, 2, 2))
+    normalized = aff.scale[:, None, None] * x + aff.shift[:, None, None]
+    expected = conv(normalized, w.astype(np.float64))
+    got = conv(x, w_new.astype(np.float64)) + delta
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k_axis", [0, 1])
+def test_forward_matrix_scales_rows_of_b_and_returns_t_b(rng, k_axis):
+    b = rng.normal(0, 1, (5, 3) if k_axis == 0 else (3, 5)).astype(np.float32)
+    aff = fold_math.Affine(scale=rng.uniform(0.5, 2, 5), shift=rng.normal(0, 1, 5))
+    b_new, why, delta = fold_math.forward_matrix(b, aff, k_axis=k_axis)
+    assert why == "" and b_new is not None
+    b_kn = (b if k_axis == 0 else b.T).astype(np.float64)
+    x = rng.normal(0, 1, (4, 5))
+    expected = (x * aff.scale + aff.shift) @ b_kn
+    got = x @ (b_new if k_axis == 0 else b_new.T).astype(np.float64) + delta
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_forward_folds_refuse_what_the_dtype_cannot_hold():
+    aff = fold_math.Affine(scale=np.array([1e6, 1.0]), shift=np.zeros(2))
+    w, why, _ = fold_math.forward_conv(np.full((1, 2, 1, 1), 100, np.float16), aff, 1)
+    assert w is None and "overflows" in why
+    b, why, _ = fold_math.forward_matrix(np.full((2, 1), 100, np.float16), aff, k_axis=0)
+    assert b is None and "overflows" in why
