@@ -139,3 +139,69 @@ def test_external_data_entry_that_is_not_utf8_is_one_input_error_line(tmp_path, 
     data = (tmp_path / "m.onnx").read_bytes().replace(b"m.onnx.data", b"m.onnx.\xffata")
     (tmp_path / "m.onnx").write_bytes(data)
     assert "not valid UTF-8" in one_line_input_error(tmp_path / "m.onnx", lazy=lazy)
+
+
+TENSOR_CHANGES = st.fixed_dictionaries(
+    {},
+    optional={
+        "dims": st.lists(st.one_of(st.integers(-3, 12), st.sampled_from([2**31, 2**40, 2**62])), max_size=5),
+        "data_type": st.one_of(st.integers(0, 30), st.just(999)),
+        "raw_delta": st.integers(-8, 8),
+        "typed": st.lists(st.floats(allow_nan=False, width=32), max_size=20),
+        "external": st.lists(
+            st.tuples(
+                st.sampled_from(["location", "offset", "length", "checksum", "bnfold.embedded", "x"]),
+                st.sampled_from(
+                    ["m.onnx.data", "0", "16", "-1", " 4", "", "../m.onnx.data", "99999999999999999999"]
+                ),
+            ),
+            max_size=4,
+        ),
+    },
+)
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=DERANDOMIZE,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(changes=TENSOR_CHANGES, lazy=st.booleans())
+def test_fuzzed_tensor_fields_load_and_read_or_raise_input_error(tmp_path_factory, changes, lazy):
+    """Structure-aware: random dims, element types, payload lengths, typed values and external
+    entries on one initializer. A tensor that loads reads back with exactly its dims' size."""
+    tmp = tmp_path_factory.mktemp("fields")
+    model = conv_bn_mlp(np.random.default_rng(5), extras=False)
+    w = model.graph.initializer[0]
+    (tmp / "m.onnx.data").write_bytes(w.raw_data * 2)
+    if "dims" in changes:
+        del w.dims[:]
+        w.dims.extend(changes["dims"])
+    if "data_type" in changes:
+        w.data_type = changes["data_type"]
+    if "raw_delta" in changes:
+        delta = changes["raw_delta"]
+        w.raw_data = w.raw_data[:delta] if delta < 0 else w.raw_data + b"\1" * delta
+    if "typed" in changes:
+        w.float_data.extend(changes["typed"])
+    if "external" in changes:
+        w.data_location = TensorProto.EXTERNAL
+        w.ClearField("raw_data")
+        for key, value in changes["external"]:
+            entry = w.external_data.add()
+            entry.key, entry.value = key, value
+    path = tmp / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    try:
+        loaded = bio.load_model(path, lazy=lazy)
+    except InputError as err:
+        assert "\n" not in str(err)
+        return
+    for tensor in loaded.graph.initializer:
+        try:
+            array = bio.read_array(tensor, str(tmp))
+        except InputError as err:
+            assert "\n" not in str(err)
+            continue
+        assert array.shape == tuple(tensor.dims)
