@@ -71,21 +71,21 @@ def _produced(g: onnx.GraphProto) -> set[str]:
     return outs - constant_names(g) - {v.name for v in (*g.input, *g.output)}
 
 
-def shared_by_name(ref: OrtModel, cand: OrtModel, exclude: set[str]) -> tuple[dict[str, int], dict[str, int]]:
+def shared_by_name(
+    ref: OrtModel, cand: OrtModel, exclude: set[str]
+) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
     """(name -> element type of the float tensors both main graphs compute, outputs and
-    ``exclude`` left out, in the reference's order; the reference's types of every tensor)."""
+    ``exclude`` left out, in the reference's order; the element type of every tensor of the
+    reference; of the candidate)."""
     names = (_produced(ref.graph) & _produced(cand.graph)) - exclude
-    ref_types = value_types(ref.proto)
-    if not names:
-        return {}, ref_types
-    cand_types = value_types(cand.proto)
+    ref_types, cand_types = value_types(ref.proto), value_types(cand.proto)
     order = [o for n in ref.graph.node for o in n.output]  # the reference's order, for stable reports
     shared = {
         n: ref_types[n]
         for n in order
         if n in names and ref_types.get(n) in FETCHABLE and cand_types.get(n) == ref_types[n]
     }
-    return shared, ref_types
+    return shared, ref_types, cand_types
 
 
 def alias_candidates(ref: OrtModel, cand: OrtModel, ref_types: Mapping[str, int]) -> dict[str, list[str]]:
@@ -121,9 +121,11 @@ def pick_aliases(
     chains: Mapping[str, Sequence[str]],
     ref_values: Mapping[str, np.ndarray],
     cand_values: Mapping[str, np.ndarray],
+    label: str = "fold-alias",
 ) -> list[Pair]:
     """One pair per chain: the reference tensor the candidate's tensor is closest to (one
-    sample), when within ``CONFIRM``; chains with no such tensor get no pair."""
+    sample), when within ``CONFIRM``; chains with no such tensor get no pair. ``label`` is the
+    pair's ``matched_by`` unless the tensor is the reference's of the same name."""
     pairs = []
     for name, chain in chains.items():
         got = cand_values[name]
@@ -136,7 +138,7 @@ def pick_aliases(
             if err < best_err:
                 best, best_err = r, err
         if best_err <= CONFIRM:
-            pairs.append(Pair(best, name, "intermediate", "name" if best == name else "fold-alias"))
+            pairs.append(Pair(best, name, "intermediate", "name" if best == name else label))
     return pairs
 
 

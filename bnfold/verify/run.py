@@ -59,6 +59,7 @@ from .inputs import (
 from .interface import interface_problems, overrides
 from .models import PROVIDER, ModelLike, NotRun, OrtModel, first_line, open_model, run, session
 from .options import InputsLike, Shapes, VerifyOptions, verify_options
+from .structure import structural_options
 from .weights import WeightCheck, check_weights
 
 __all__ = ["verify", "verify_with"]
@@ -234,10 +235,8 @@ def _compare(
     fields["outputs"] = tuple(d for d in diffs if d.kind == "output")
     fields["intermediates"] = tuple(d for d in diffs if d.kind == "intermediate")
     fields["matched"] = dict(Counter(d.matched_by for d in fields["intermediates"]))
-    unconfirmed = (
-        len(plan.chains)
-        - sum(d.matched_by == "fold-alias" for d in diffs)
-        - sum(d.matched_by == "name" and d.name in plan.chains for d in diffs)
+    unconfirmed = plan.undecided - sum(
+        s.cand_name in plan.chains or s.cand_name in plan.structural for s in stats
     )
     if unconfirmed:
         fields["matched"]["unconfirmed"] = unconfirmed
@@ -262,29 +261,49 @@ class _Plan:
     def __init__(self, outputs: list[Pair]) -> None:
         self.pairs = list(outputs)
         self.chains: dict[str, list[str]] = {}
+        """Shared names another tool may have kept after a fold: the reference tensors they may hold."""
+        self.structural: dict[str, list[str]] = {}
+        """Renamed candidate tensors matched by structure: the reference tensors they may hold."""
         self.types: dict[str, int] = {}
+        self.cand_types: dict[str, int] = {}
         self.overrides: dict[str, np.ndarray] = {}
         """Overridable initializers of the reference, perturbed, fed to both in one more run."""
 
     @property
     def has_intermediates(self) -> bool:
-        return len(self.pairs) > sum(p.kind == "output" for p in self.pairs) or bool(self.chains)
+        n_outputs = sum(p.kind == "output" for p in self.pairs)
+        return len(self.pairs) > n_outputs or bool(self.chains) or bool(self.structural)
+
+    @property
+    def undecided(self) -> int:
+        return len(self.chains) + len(self.structural)
 
     def add_intermediates(self, ref: OrtModel, cand: OrtModel) -> None:
-        shared, self.types = shared_by_name(ref, cand, set())
+        shared, self.types, self.cand_types = shared_by_name(ref, cand, set())
         self.chains = alias_candidates(ref, cand, self.types)
         self.pairs += [Pair(n, n, "intermediate") for n in shared if n not in self.chains]
+        known = {n: [n] for n in shared if n not in self.chains} | self.chains
+        self.structural = structural_options(ref, cand, known, self.types, self.cand_types)
+
+    def pick(self, ref_values: Mapping[str, np.ndarray], cand_values: Mapping[str, np.ndarray]) -> list[Pair]:
+        """Every pair, the ambiguous ones decided on one sample."""
+        return (
+            self.pairs
+            + pick_aliases(self.chains, ref_values, cand_values)
+            + pick_aliases(self.structural, ref_values, cand_values, label="structure")
+        )
 
     def fetch(self) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
         """Extra outputs of the reference and of the candidate."""
+        undecided = {**self.chains, **self.structural}
         ref_names = [p.ref for p in self.pairs if p.kind != "output"]
-        ref_names += [r for chain in self.chains.values() for r in chain]
-        cand_names = [p.cand for p in self.pairs if p.kind != "output"] + list(self.chains)
+        ref_names += [r for options in undecided.values() for r in options]
+        cand_names = [p.cand for p in self.pairs if p.kind != "output"] + list(undecided)
 
-        def infos(names: list[str]) -> list[onnx.ValueInfoProto]:
-            return [helper.make_tensor_value_info(n, self.types[n], None) for n in dict.fromkeys(names)]
+        def infos(names: list[str], types: Mapping[str, int]) -> list[onnx.ValueInfoProto]:
+            return [helper.make_tensor_value_info(n, types[n], None) for n in dict.fromkeys(names)]
 
-        return infos(ref_names), infos(cand_names)
+        return infos(ref_names, self.types), infos(cand_names, self.cand_types)
 
 
 def _execute(
@@ -330,7 +349,7 @@ def _execute(
             calib_sess = None
             notes.append("tolerances not calibrated: the reference did not run at ORT_ENABLE_ALL")
         if i == 0:
-            pairs = plan.pairs + pick_aliases(plan.chains, r, c)
+            pairs = plan.pick(r, c)
             stats = [
                 TensorStats(p.ref, p.kind, *tolerances, cand_name=p.cand, matched_by=p.matched_by)
                 for p in pairs

@@ -92,9 +92,38 @@ def test_correct_peer_folds_pass(peer, name):
         assert report.matched.get("fold-alias", 0) >= len(points)
 
 
+def renamed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every intermediate tensor renamed (``t0``, ``t1``...), as most tools do."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = {v.name for v in (*out.graph.input, *out.graph.output)} | {t.name for t in out.graph.initializer}
+    names: dict[str, str] = {}
+    for node in out.graph.node:
+        node.input[:] = [names.get(i, i) for i in node.input]
+        for k, o in enumerate(node.output):
+            if o and o not in keep:
+                names[o] = f"t{len(names)}"
+                node.output[k] = names[o]
+    del out.graph.value_info[:]
+    return out
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("peer", sorted(PEERS))
-def test_a_fault_in_one_channel_of_a_peer_fold_is_caught_and_named(peer, name):
+def test_correct_peer_folds_with_every_name_changed_pass_matched_by_structure(peer, name):
+    reference = onnx.load(str(registry.build_onnx(name)))
+    candidate = peer_fold(peer, reference)
+    points = fold_points(reference, candidate)
+    report = verify(reference, renamed(candidate))
+    assert report.passed, report.message
+    compared = {d.name for d in report.intermediates if d.matched_by == "structure"}
+    assert {y for _, y in points} <= compared, "every fold point is compared at runtime"
+
+
+@pytest.mark.parametrize("names", ["shared", "renamed"])
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("peer", sorted(PEERS))
+def test_a_fault_in_one_channel_of_a_peer_fold_is_caught_and_named(peer, name, names):
     reference = onnx.load(str(registry.build_onnx(name)))
     candidate = peer_fold(peer, reference)
     points = fold_points(reference, candidate)
@@ -105,7 +134,8 @@ def test_a_fault_in_one_channel_of_a_peer_fold_is_caught_and_named(peer, name):
     delta = np.zeros_like(beta)
     delta[1] = 1e-3 * (abs(gamma[1]) + abs(beta[1]))  # ~1e-3 of channel 1's magnitude
     candidate.graph.initializer.append(numpy_helper.from_array(delta, f"{y}__delta"))
-    candidate.graph.node.insert(0, helper.make_node("Add", [node.input[2], f"{y}__delta"], [f"{y}__fault"]))
+    at = list(candidate.graph.node).index(node)  # after whatever computes the bias
+    candidate.graph.node.insert(at, helper.make_node("Add", [node.input[2], f"{y}__delta"], [f"{y}__fault"]))
     node.input[2] = f"{y}__fault"
-    report = verify(reference, candidate)
+    report = verify(reference, candidate if names == "shared" else renamed(candidate))
     assert not report.passed and y in report.first_divergent

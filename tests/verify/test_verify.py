@@ -430,19 +430,21 @@ def test_bfloat16_model_is_not_run_with_a_reason():
 # --------------------------------------------------------------------------- outputs, names, NaN
 
 
-def test_outputs_only_when_no_names_are_shared(rng):
+def test_renamed_intermediates_are_matched_by_structure(rng):
+    """Before issue 13 a candidate that renamed its tensors was compared on its outputs only, and
+    the fault below was named at ``y``; matched by structure it is caught at its fold point."""
     ref, layers = conv_stack(rng)
     cand = fold_conv_stack(layers)
     for node in cand.graph.node:  # rename every intermediate
         node.input[:] = ["other" if i == "bn1" else i for i in node.input]
         node.output[:] = ["other" if o == "bn1" else o for o in node.output]
     good = verify(ref, cand)
-    assert good.status is VerifyStatus.PASSED and good.compared_on == "outputs" and good.intermediates == ()
+    assert good.status is VerifyStatus.PASSED and good.compared_on == "outputs+intermediates"
+    assert [(d.name, d.matched_by) for d in good.intermediates] == [("bn1", "structure")]
+    assert good.matched == {"structure": 1}
     cand.graph.initializer[0].CopyFrom(tensor("Wf1", _fault_weight(layers[0])[0]))
     bad = verify(ref, cand)
-    assert (
-        bad.status is VerifyStatus.FAILED and bad.compared_on == "outputs" and bad.first_divergent == ("y",)
-    )
+    assert bad.status is VerifyStatus.FAILED and bad.first_divergent == ("bn1",)
 
 
 def test_intermediates_false_compares_outputs_only(rng):
