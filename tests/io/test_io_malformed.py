@@ -205,3 +205,18 @@ def test_fuzzed_tensor_fields_load_and_read_or_raise_input_error(tmp_path_factor
             assert "\n" not in str(err)
             continue
         assert array.shape == tuple(tensor.dims)
+
+
+def test_model_strings_that_are_not_utf8_are_input_errors(tmp_path):
+    """Found by the fuzz (a flipped byte in producer_name): save_model's copy raised UnicodeDecodeError."""
+    path = tmp_path / "m.onnx"
+    path.write_bytes(mutate_bytes(model_bytes(), [("flip", 4, 128)]))
+    for lazy in (False, True):
+        assert "not valid UTF-8" in one_line_input_error(path, lazy=lazy)
+    model = conv_bn_mlp(np.random.default_rng(5), extras=False)
+    model.graph.initializer[0].doc_string = "@@doc@@"  # not checked on load: caught where copied
+    path.write_bytes(model.SerializeToString().replace(b"@@doc@@", b"\xe2(\xa1doc!"))
+    lazy = bio.load_model(path, lazy=True)
+    with pytest.raises(InputError, match="doc_string: a string in it is not valid UTF-8"):
+        bio.save_model(lazy, tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

@@ -48,6 +48,7 @@ from .wire import (
     F_TENSOR_RAW_DATA,
     WT_LEN,
     copy_except,
+    copy_field,
     is_repeated,
     split_fields,
     tag,
@@ -100,7 +101,8 @@ class _Item:
 
 
 def tensor_head(tensor: onnx.TensorProto) -> onnx.TensorProto:
-    """A copy of ``tensor`` without raw_data, external_data and data_location (cheap: no payload)."""
+    """A copy of ``tensor`` without raw_data, external_data and data_location (cheap: the payload
+    is never touched -- reading ``raw_data`` would copy it)."""
     out = onnx.TensorProto()
     for fd in onnx.TensorProto.DESCRIPTOR.fields:
         name = fd.name
@@ -109,12 +111,9 @@ def tensor_head(tensor: onnx.TensorProto) -> onnx.TensorProto:
         if is_repeated(fd):
             values = getattr(tensor, name)
             if len(values):
-                getattr(out, name).extend(values)
+                copy_field(out, fd, values)
         elif tensor.HasField(name):
-            if fd.message_type is not None:
-                getattr(out, name).CopyFrom(getattr(tensor, name))
-            else:
-                setattr(out, name, getattr(tensor, name))
+            copy_field(out, fd, getattr(tensor, name))
     return out
 
 

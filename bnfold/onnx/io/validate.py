@@ -1,4 +1,5 @@
-"""Names a model must be able to print: every name, op type and domain decodes as UTF-8.
+"""Names a model must be able to print: every name, op type, domain and the model's and nodes'
+descriptive strings decode as UTF-8.
 
 onnx.proto is proto2, so protobuf does not check string fields: an invalid byte sequence comes
 back as ``bytes`` instead of ``str`` and breaks whatever compares or joins names later.
@@ -21,7 +22,7 @@ def _bad(values: Iterable[object]) -> object | None:
 
 
 def _check_graph(graph: onnx.GraphProto) -> object | None:
-    found = _bad((graph.name,))
+    found = _bad((graph.name, graph.doc_string))
     found = found or _bad(t.name for t in graph.initializer)
     for infos in (graph.input, graph.output, graph.value_info):
         found = found or _bad(v.name for v in infos)
@@ -31,7 +32,8 @@ def _check_graph(graph: onnx.GraphProto) -> object | None:
 
 def _check_nodes(nodes: Iterable[onnx.NodeProto]) -> object | None:
     for node in nodes:
-        found = _bad((node.name, node.op_type, node.domain)) or _bad(node.input) or _bad(node.output)
+        found = _bad((node.name, node.op_type, node.domain, node.doc_string))
+        found = found or _bad(node.input) or _bad(node.output)
         if found is not None:
             return found
         for attr in node.attribute:
@@ -48,8 +50,13 @@ def _check_nodes(nodes: Iterable[onnx.NodeProto]) -> object | None:
 
 
 def check_names(model: onnx.ModelProto, path: str) -> None:
-    """Refuse a model with a name that is not valid UTF-8, naming where it is."""
+    """Refuse a model with a name that is not valid UTF-8, naming where it is.
+
+    Strings deeper in (value-info details, tensor doc strings) are left to the places that copy
+    them, which raise InputError too (:func:`bnfold.onnx.io.wire.copy_except`)."""
     found = _bad(o.domain for o in model.opset_import)
+    found = found or _bad((model.producer_name, model.producer_version, model.domain, model.doc_string))
+    found = found or _bad(e.key for e in model.metadata_props) or _bad(e.value for e in model.metadata_props)
     found = found or _check_graph(model.graph)
     for function in model.functions:
         found = found or _bad((function.name, function.domain))

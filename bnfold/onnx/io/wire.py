@@ -14,6 +14,8 @@ from typing import Any
 
 import onnx
 
+from bnfold.errors import InputError
+
 F_MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 F_GRAPH_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 F_TENSOR_DIMS = onnx.TensorProto.DESCRIPTOR.fields_by_name["dims"].number
@@ -171,10 +173,18 @@ def copy_except(message: Any, skip: str) -> Any:
     for fd, value in message.ListFields():
         if fd.name == skip:
             continue
+        copy_field(out, fd, value)
+    return out
+
+
+def copy_field(out: Any, fd: Any, value: Any) -> None:
+    """Set field ``fd`` of ``out`` to ``value``; InputError for a string that is not UTF-8."""
+    try:
         if is_repeated(fd):
             getattr(out, fd.name).extend(value)
         elif fd.message_type is not None:
             getattr(out, fd.name).CopyFrom(value)
         else:
             setattr(out, fd.name, value)
-    return out
+    except (UnicodeDecodeError, TypeError, ValueError):  # proto2 strings are not checked on parse
+        raise InputError(f"{type(out).__name__}.{fd.name}: a string in it is not valid UTF-8") from None
