@@ -102,7 +102,8 @@ MUTATIONS = st.lists(
 )
 @given(ops=MUTATIONS, lazy=st.booleans(), external=st.booleans())
 def test_fuzzed_models_load_read_and_save_or_raise_input_error(tmp_path_factory, ops, lazy, external):
-    """Whatever the bytes, the loader, read_array and save_model succeed or raise BnfoldError."""
+    """Whatever the bytes, the loader, read_array, save_model and materialize succeed or raise
+    BnfoldError, and the input scan for ensure_not_overwriting never fails."""
     tmp = tmp_path_factory.mktemp("fuzz")
     base = model_bytes()
     if external:
@@ -114,6 +115,7 @@ def test_fuzzed_models_load_read_and_save_or_raise_input_error(tmp_path_factory,
     path.write_bytes(mutate_bytes(base, ops))
     if external:
         os.replace(tmp / "src.onnx.data", tmp / "m.onnx.data")
+    bio.ensure_not_overwriting([path], [tmp / "out.onnx"])  # a wire-level scan: never raises here
     try:
         model = bio.load_model(path, lazy=lazy)
     except InputError as err:
@@ -126,6 +128,7 @@ def test_fuzzed_models_load_read_and_save_or_raise_input_error(tmp_path_factory,
             assert "\n" not in str(err)
     try:
         bio.save_model(model, tmp / "out.onnx", source_dir=str(tmp))
+        bio.materialize(model, base_dir=str(tmp))
     except BnfoldError as err:
         assert "\n" not in str(err)
 
