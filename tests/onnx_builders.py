@@ -208,3 +208,36 @@ def conv_bn_in_function(rng: np.random.Generator) -> G:
     )
     g.domains.append("local")
     return g
+
+
+def assert_refused(g: G | onnx.ModelProto, reason: object, *, fragment: str = "") -> None:
+    """Folding ``g`` folds nothing, reports exactly one refusal ``reason`` (a SkipReason) whose
+    sentence holds ``fragment``, and leaves the graph unchanged."""
+    from bnfold import fold_onnx
+
+    model = g.model() if isinstance(g, G) else g
+    result = fold_onnx(model)
+    assert not result.report.folded, result.report.folded
+    assert [s.reason for s in result.report.skipped] == [reason], result.report.skipped
+    assert fragment in result.report.skipped[0].detail
+    assert result.model == model, "a refused fold must leave the graph unchanged"
+
+
+def expose_intermediates(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` whose graph outputs include every node output, and their names."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {v.name for v in out.graph.output}
+    names = [o for n in out.graph.node for o in n.output if o and o not in have]
+    out.graph.output.extend(helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in names)
+    return out, [v.name for v in out.graph.output]
+
+
+def assert_untouched(g: G | onnx.ModelProto) -> None:
+    """Folding ``g`` folds nothing, reports nothing and changes nothing: no fold candidate."""
+    from bnfold import fold_onnx
+
+    model = g.model() if isinstance(g, G) else g
+    result = fold_onnx(model)
+    assert not result.report.folded and not result.report.skipped, result.report
+    assert result.model == model

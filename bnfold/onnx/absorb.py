@@ -218,8 +218,11 @@ def check_gemm(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | Rej
     return _plan(source, node, (node,), [(node, 1, b_new, "weight"), (node, 2, c_new, "bias")], attrs=attrs)
 
 
-def _matmul_weight(scope: Scope, mm: onnx.NodeProto, source: Source) -> tuple[np.ndarray, int] | Reject:
-    """B and the MatMul's output rank, when the source's axis is its output-feature (last) axis."""
+def _matmul_weight(
+    scope: Scope, mm: onnx.NodeProto, source: Source
+) -> tuple[np.ndarray, int, fold_math.Affine] | Reject:
+    """B, the MatMul's output rank and the map sized to its features, when the source's axis is
+    its output-feature (last) axis."""
     b = scope.constant(mm.input[1], what="weight (B)")
     a_rank = scope.rank(mm.input[0])
     if a_rank is None:
@@ -243,7 +246,10 @@ def _matmul_weight(scope: Scope, mm: onnx.NodeProto, source: Source) -> tuple[np
         return bad
     if (bad := _float_problem(b, "weight (B)")) is not None:
         return bad
-    return b, a_rank
+    aff = source.widened(b.shape[1]).affine
+    if (bad := _channels_problem(aff, "MatMul", b.shape[1])) is not None:
+        return bad
+    return b, a_rank, aff
 
 
 def check_matmul(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | Reject:
@@ -252,10 +258,7 @@ def check_matmul(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | R
     found = _matmul_weight(scope, node, source)
     if isinstance(found, Reject):
         return found
-    b, rank = found
-    aff = source.widened(b.shape[1]).affine
-    if (bad := _channels_problem(aff, "MatMul", b.shape[1])) is not None:
-        return bad
+    b, rank, aff = found
     b_new = _scaled(b, aff, "B", axis=1)
     c_new = _cast(fold_math.fold_bias(None, aff), b, "the new bias")
     if rank == 2:
@@ -288,10 +291,7 @@ def check_matmul_add(scope: Scope, add: onnx.NodeProto, source: Source) -> Plan 
     found = _matmul_weight(scope, mm, source)
     if isinstance(found, Reject):
         return found
-    b, _rank = found
-    aff = source.widened(b.shape[1]).affine
-    if (bad := _channels_problem(aff, "MatMul", b.shape[1])) is not None:
-        return bad
+    b, _rank, aff = found
     c_vec = fold_math.channel_vector(c, aff.channels)
     if c_vec is None:
         return Reject(

@@ -214,23 +214,34 @@ def _conv(scope: Scope, conv: onnx.NodeProto, source: Source) -> Plan | Reject:
     return Plan(source=source, absorber=conv, chain=(conv,), values=values)
 
 
-def _gemm(scope: Scope, gemm: onnx.NodeProto, source: Source) -> Plan | Reject:
-    if int(attr(gemm, "transA", 0)):
-        return Reject(SkipReason.UNSUPPORTED_ATTRIBUTE, "transA=1: the map is not on A's feature axis")
-    if (bad := _axis_problem(source, 1, "Gemm")) is not None:
-        return bad
-    b = _weight(scope, gemm, 1, "weight (B)")
+def _matrix(
+    scope: Scope, node: onnx.NodeProto, source: Source, *, k_axis: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | Reject:
+    """``(B, B' (B itself when unscaled), t·B)`` for a Gemm/MatMul whose B has its K axis at ``k_axis``."""
+    b = _weight(scope, node, 1, "weight (B)")
     if isinstance(b, Reject):
         return b
     if b.ndim != 2:
-        return Reject(SkipReason.SHAPE_MISMATCH, f"B has rank {b.ndim}")
-    k_axis = 1 if int(attr(gemm, "transB", 0)) else 0
-    aff = _sized(source, b.shape[k_axis], "Gemm")
+        return Reject(SkipReason.CHANNEL_AXIS_MISMATCH, f"B has rank {b.ndim}: no single input-feature axis")
+    aff = _sized(source, b.shape[k_axis], node.op_type)
     if isinstance(aff, Reject):
         return aff
     b_new, why, delta = fold_math.forward_matrix(b, aff, k_axis=k_axis)
     if b_new is None:
         return Reject(SkipReason.NOT_REPRESENTABLE, f"folding into B: {why}")
+    return b, b_new, delta
+
+
+def _gemm(scope: Scope, gemm: onnx.NodeProto, source: Source) -> Plan | Reject:
+    if int(attr(gemm, "transA", 0)):
+        return Reject(SkipReason.UNSUPPORTED_ATTRIBUTE, "transA=1: the map is not on A's feature axis")
+    if (bad := _axis_problem(source, 1, "Gemm")) is not None:
+        return bad
+    k_axis = 1 if int(attr(gemm, "transB", 0)) else 0
+    found = _matrix(scope, gemm, source, k_axis=k_axis)
+    if isinstance(found, Reject):
+        return found
+    b, b_new, delta = found
     n = b.shape[1 - k_axis]
     c_vec = np.zeros(n)
     if len(gemm.input) > 2 and gemm.input[2]:
@@ -254,17 +265,10 @@ def _matmul(scope: Scope, mm: onnx.NodeProto, source: Source) -> Plan | Reject:
         )
     if (bad := _axis_problem(source, rank - 1, "MatMul")) is not None:
         return bad
-    b = _weight(scope, mm, 1, "weight (B)")
-    if isinstance(b, Reject):
-        return b
-    if b.ndim != 2:
-        return Reject(SkipReason.CHANNEL_AXIS_MISMATCH, f"B has rank {b.ndim}: no single input-feature axis")
-    aff = _sized(source, b.shape[0], "MatMul")
-    if isinstance(aff, Reject):
-        return aff
-    b_new, why, delta = fold_math.forward_matrix(b, aff, k_axis=0)
-    if b_new is None:
-        return Reject(SkipReason.NOT_REPRESENTABLE, f"folding into B: {why}")
+    found = _matrix(scope, mm, source, k_axis=0)
+    if isinstance(found, Reject):
+        return found
+    b, b_new, delta = found
     c_new = _cast(delta, b, "the new bias")
     scaled = None if b_new is b else b_new
     if rank == 2:

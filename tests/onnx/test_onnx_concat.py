@@ -8,7 +8,7 @@ from onnx import helper
 
 from bnfold import SkipReason, count_bn, fold_onnx
 from conftest import assert_close, run_ort
-from onnx_builders import G
+from onnx_builders import G, assert_refused
 
 
 def concat_bn(rng, *, axis: int = 1, relu_branch: bool = False, shared: bool = False) -> G:
@@ -64,10 +64,7 @@ def test_concat_branch_read_elsewhere_blocks_the_split(rng):
 
 def test_concat_branch_without_a_layer_blocks_the_split(rng):
     g = concat_bn(rng, relu_branch=True)
-    model = g.model()
-    result = fold_onnx(model)
-    assert [s.reason for s in result.report.skipped] == [SkipReason.UNSUPPORTED_PRODUCER]
-    assert result.model == model
+    assert_refused(g, SkipReason.UNSUPPORTED_PRODUCER)
 
 
 def test_concat_on_another_axis_is_refused(rng):
@@ -78,7 +75,4 @@ def test_concat_on_another_axis_is_refused(rng):
     g.nodes.append(helper.make_node("Concat", ["c0", "c1"], ["cat"], axis=2))
     g.bn("cat", 4, "z")
     g.output("z", shape=[2, 4, 6, 3])
-    model = g.model()
-    result = fold_onnx(model)
-    assert [s.reason for s in result.report.skipped] == [SkipReason.CHANNEL_AXIS_MISMATCH]
-    assert result.model == model
+    assert_refused(g, SkipReason.CHANNEL_AXIS_MISMATCH)

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnfold import SkipReason, analyze_onnx, count_bn, fold_onnx
 from conftest import assert_close, bn_stats, run_ort
-from onnx_builders import G, conv_bn
+from onnx_builders import G, assert_refused, conv_bn
 
 
 def ops(m: onnx.ModelProto) -> list[str]:
@@ -38,15 +38,6 @@ def check_folded(g: G, *, n_folded: int = 1, rtol: float = 1e-5) -> onnx.ModelPr
     again = fold_onnx(out)
     assert not again.report.folded
     return out
-
-
-def assert_skipped(g: G, reason: SkipReason, *, fragment: str = "") -> None:
-    model = g.model()
-    result = fold_onnx(model)
-    assert not result.report.folded
-    assert [s.reason for s in result.report.skipped] == [reason], result.report.skipped
-    assert fragment in result.report.skipped[0].detail
-    assert result.model == model, "a skipped BN must leave the graph unchanged"
 
 
 # --------------------------------------------------------------------------- Conv / ConvTranspose
@@ -151,7 +142,7 @@ def test_gemm_with_full_c_is_skipped(rng):
     )
     g.bn("y", 7, "z")
     g.output("z", shape=[3, 7])
-    assert_skipped(g, SkipReason.BIAS_NOT_PER_CHANNEL, fragment="(3, 7)")
+    assert_refused(g, SkipReason.BIAS_NOT_PER_CHANNEL, fragment="(3, 7)")
 
 
 # --------------------------------------------------------------------------- MatMul
@@ -183,15 +174,15 @@ def test_matmul_rank2_folds(rng, add):
 def test_matmul_on_sequence_axis_is_not_folded(rng):
     """(N, L, F) with L == F: BN's axis 1 is L, not MatMul's feature axis. onnxruntime's
     MatMulBNFusion and torch.fx's fuse scale the features by the sequence statistics."""
-    assert_skipped(matmul_bn(rng, a_shape=[2, 6, 6]), SkipReason.CHANNEL_AXIS_MISMATCH, fragment="rank 3")
+    assert_refused(matmul_bn(rng, a_shape=[2, 6, 6]), SkipReason.CHANNEL_AXIS_MISMATCH, fragment="rank 3")
 
 
 def test_matmul_add_on_sequence_axis_is_not_folded(rng):
-    assert_skipped(matmul_bn(rng, a_shape=[2, 6, 6], add="n"), SkipReason.CHANNEL_AXIS_MISMATCH)
+    assert_refused(matmul_bn(rng, a_shape=[2, 6, 6], add="n"), SkipReason.CHANNEL_AXIS_MISMATCH)
 
 
 def test_matmul_with_unknown_rank_is_not_folded(rng):
-    assert_skipped(
+    assert_refused(
         matmul_bn(rng, a_shape=[4, 6], declare_rank=False),
         SkipReason.CHANNEL_AXIS_MISMATCH,
         fragment="unknown",
@@ -205,7 +196,7 @@ def test_training_mode_bn_is_not_folded(rng):
     """onnxscript's optimizer folds training-mode BN and changes the outputs."""
     g = conv_bn(rng)
     g.nodes[1].attribute.append(helper.make_attribute("training_mode", 1))
-    assert_skipped(g, SkipReason.TRAINING_MODE)
+    assert_refused(g, SkipReason.TRAINING_MODE)
 
 
 def test_opset6_is_test_0_is_not_folded(rng):
@@ -214,14 +205,14 @@ def test_opset6_is_test_0_is_not_folded(rng):
     g.ir = 3
     del g.nodes[1].attribute[:]
     g.nodes[1].attribute.append(helper.make_attribute("is_test", 0))
-    assert_skipped(g, SkipReason.TRAINING_MODE, fragment="is_test")
+    assert_refused(g, SkipReason.TRAINING_MODE, fragment="is_test")
 
 
 def test_opset7_spatial0_is_skipped_not_a_crash(rng):
     g = conv_bn(rng)
     g.opset = 7
     g.nodes[1].attribute.append(helper.make_attribute("spatial", 0))
-    assert_skipped(g, SkipReason.SPATIAL_0)
+    assert_refused(g, SkipReason.SPATIAL_0)
 
 
 def test_extra_bn_outputs_consumed(rng):
@@ -229,7 +220,7 @@ def test_extra_bn_outputs_consumed(rng):
     g.opset = 9
     g.nodes[1].output.extend(["rm", "rv"])
     g.output("rm", shape=[6])
-    assert_skipped(g, SkipReason.EXTRA_OUTPUTS_USED)
+    assert_refused(g, SkipReason.EXTRA_OUTPUTS_USED)
 
 
 def test_opset9_bn_with_unused_statistics_outputs_is_training_mode(rng):
@@ -238,7 +229,7 @@ def test_opset9_bn_with_unused_statistics_outputs_is_training_mode(rng):
     g = conv_bn(rng)
     g.opset = 9
     g.nodes[1].output.extend(["rm", "rv", "sm", "sv"])
-    assert_skipped(g, SkipReason.TRAINING_MODE, fragment="training mode")
+    assert_refused(g, SkipReason.TRAINING_MODE, fragment="training mode")
 
 
 def test_bn_on_graph_input_has_no_producer(rng):
@@ -246,34 +237,34 @@ def test_bn_on_graph_input_has_no_producer(rng):
     g.input("x", [1, 3, 4, 4])
     g.bn("x", 3, "z")
     g.output("z", shape=[1, 3, 4, 4])
-    assert_skipped(g, SkipReason.NO_PRODUCER)
+    assert_refused(g, SkipReason.NO_PRODUCER)
 
 
 def test_conv_relu_bn_is_not_folded(rng):
     g = conv_bn(rng)
     g.nodes[0].output[0] = "c"
     g.nodes.insert(1, helper.make_node("Relu", ["c"], ["y"], name="relu_mid"))
-    assert_skipped(g, SkipReason.UNSUPPORTED_PRODUCER, fragment="Relu")
+    assert_refused(g, SkipReason.UNSUPPORTED_PRODUCER, fragment="Relu")
 
 
 def test_conv_output_with_another_consumer_is_not_folded(rng):
     g = conv_bn(rng)
     g.node("Sigmoid", ["y"], ["side"])
     g.output("side", shape=[None] * 4)
-    assert_skipped(g, SkipReason.PRODUCER_OUTPUT_SHARED)
+    assert_refused(g, SkipReason.PRODUCER_OUTPUT_SHARED)
 
 
 def test_conv_output_that_is_a_graph_output_is_not_folded(rng):
     g = conv_bn(rng)
     g.output("y", shape=[None] * 4)
-    assert_skipped(g, SkipReason.PRODUCER_OUTPUT_SHARED)
+    assert_refused(g, SkipReason.PRODUCER_OUTPUT_SHARED)
 
 
 def test_bn_param_computed_at_run_time(rng):
     g = conv_bn(rng)
     g.input("runtime_scale", [6])
     g.nodes[1].input[1] = "runtime_scale"
-    assert_skipped(g, SkipReason.NON_CONSTANT_BN_PARAM, fragment="graph input")
+    assert_refused(g, SkipReason.NON_CONSTANT_BN_PARAM, fragment="graph input")
 
 
 def test_weight_initializer_listed_as_input_is_overridable(rng):
@@ -281,7 +272,7 @@ def test_weight_initializer_listed_as_input_is_overridable(rng):
     onnxslim fold it anyway and bake in a value the caller may replace."""
     g = conv_bn(rng)
     g.inputs.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [6, 4, 3, 3]))
-    assert_skipped(g, SkipReason.NON_CONSTANT_WEIGHT, fragment="overridden")
+    assert_refused(g, SkipReason.NON_CONSTANT_WEIGHT, fragment="overridden")
 
 
 def test_dequantize_linear_weight_is_not_folded(rng):
@@ -290,7 +281,7 @@ def test_dequantize_linear_weight_is_not_folded(rng):
     g.init("Wq", rng.integers(-100, 100, (6, 4, 3, 3)).astype(np.int8))
     g.init("Ws", np.array(0.02, np.float32))
     g.nodes.insert(0, helper.make_node("DequantizeLinear", ["Wq", "Ws"], ["W"], name="dq"))
-    assert_skipped(g, SkipReason.QUANTIZED_WEIGHT, fragment="DequantizeLinear")
+    assert_refused(g, SkipReason.QUANTIZED_WEIGHT, fragment="DequantizeLinear")
 
 
 def test_bn_channel_count_mismatch(rng):
@@ -300,7 +291,7 @@ def test_bn_channel_count_mismatch(rng):
     names = [g.init(f"p{i}", a) for i, a in enumerate(bn_stats(rng, 1))]  # broadcast (1,) params
     g.nodes.append(helper.make_node("BatchNormalization", ["y", *names], ["z"], name="bn"))
     g.output("z", shape=[2, 7])
-    assert_skipped(g, SkipReason.SHAPE_MISMATCH)
+    assert_refused(g, SkipReason.SHAPE_MISMATCH)
 
 
 def test_float16_overflow_is_skipped_not_written_as_inf(rng):
@@ -311,7 +302,7 @@ def test_float16_overflow_is_skipped_not_written_as_inf(rng):
     var = next(t for t in g.inits if t.name == "bn_var")
     var.CopyFrom(numpy_helper.from_array(np.full(6, 0.0, np.float16), "bn_var"))
     g.nodes[1].attribute[0].f = 1e-4
-    assert_skipped(g, SkipReason.NOT_REPRESENTABLE, fragment="overflows float16")
+    assert_refused(g, SkipReason.NOT_REPRESENTABLE, fragment="overflows float16")
 
 
 def test_float16_fold_that_fits_is_done_even_when_scale_alone_overflows(rng):
@@ -337,7 +328,7 @@ def test_float16_channel_flushed_to_zero_is_skipped(rng):
     scale.CopyFrom(numpy_helper.from_array(vals, "bn_scale"))
     var = next(t for t in g.inits if t.name == "bn_var")
     var.CopyFrom(numpy_helper.from_array(np.full(6, 60000, np.float16), "bn_var"))
-    assert_skipped(g, SkipReason.NOT_REPRESENTABLE, fragment="channel 2 underflows")
+    assert_refused(g, SkipReason.NOT_REPRESENTABLE, fragment="channel 2 underflows")
 
 
 def test_excluded_bn_is_left(rng):

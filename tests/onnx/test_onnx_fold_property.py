@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnfold import SkipReason, count_bn, fold_onnx
 from conftest import run_ort
+from onnx_builders import expose_intermediates
 
 EXAMPLES = int(os.environ.get("BNFOLD_HYPOTHESIS_EXAMPLES", "300"))
 # Deterministic in CI (STYLE: no unseeded randomness); BNFOLD_HYPOTHESIS_EXPLORE=1 explores anew.
@@ -226,16 +227,6 @@ def _insert_between(
 NAME_RULE_EXAMPLES = max(1, EXAMPLES // 5)
 
 
-def _expose_intermediates(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of ``model`` whose graph outputs include every node output."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    have = {v.name for v in out.graph.output}
-    names = [o for n in out.graph.node for o in n.output if o and o not in have]
-    out.graph.output.extend(helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in names)
-    return out, [v.name for v in out.graph.output]
-
-
 @settings(
     max_examples=NAME_RULE_EXAMPLES,
     deadline=None,
@@ -249,8 +240,8 @@ def test_every_surviving_name_keeps_its_values(case):
     matching names saw a divergence that was no error."""
     model, feeds, facts = case
     result = fold_onnx(model)
-    before, names_before = _expose_intermediates(model)
-    after, names_after = _expose_intermediates(result.model)
+    before, names_before = expose_intermediates(model)
+    after, names_after = expose_intermediates(result.model)
     ref = dict(zip(names_before, run_ort(before, feeds)))
     out = dict(zip(names_after, run_ort(after, feeds)))
     shared = set(ref) & set(out)

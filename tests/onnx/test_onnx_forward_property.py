@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnfold import SkipReason, fold_onnx
 from conftest import bn_stats, run_ort
+from onnx_builders import expose_intermediates
 
 EXAMPLES = max(1, int(os.environ.get("BNFOLD_HYPOTHESIS_EXAMPLES", "300")) // 5)
 DERANDOMIZE = os.environ.get("BNFOLD_HYPOTHESIS_EXPLORE", "") != "1"
@@ -149,23 +150,14 @@ def concat_then_bn(draw: st.DrawFn):
     )
 
 
-def _expose(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    have = {v.name for v in out.graph.output}
-    extra = [o for n in out.graph.node for o in n.output if o and o not in have]
-    out.graph.output.extend(helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in extra)
-    return out, [v.name for v in out.graph.output]
-
-
 def _check(case) -> None:
     model, feeds, facts = case
     onnx.checker.check_model(model, full_check=True)
     result = fold_onnx(model)
     report = result.report
     onnx.checker.check_model(result.model, full_check=True)
-    before, names_before = _expose(model)
-    after, names_after = _expose(result.model)
+    before, names_before = expose_intermediates(model)
+    after, names_after = expose_intermediates(result.model)
     ref = dict(zip(names_before, run_ort(before, feeds)))
     got = dict(zip(names_after, run_ort(after, feeds)))
     # magnitude of the terms a folded layer sums: |inputs| * |weights| (float32 cancellation)
