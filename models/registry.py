@@ -230,12 +230,10 @@ _SPECS: tuple[ModelSpec, ...] = (
         dtypes=_F32,
         builder=_torch_builder("build_linear_transpose_bn1d"),
         bn_count=1,
-        expected_unfoldable=1,
-        unfoldable_reasons=("unsupported-producer",),
+        expected_unfoldable=0,
         notes=(
-            "Foldable in principle (BN does normalize the Linear's output features), but only by "
-            "tracking the channel axis through the Transpose; the pass skips MatMul -> Transpose -> BN. "
-            "Update this entry if the pass learns to prove that mapping."
+            "Folded by tracking the channel axis through the Transpose: BN1d normalizes axis 1 of "
+            "the transposed tensor, which is the Linear's output-feature (last) axis before it."
         ),
     ),
     ModelSpec(

@@ -1,4 +1,4 @@
-"""benchmarks/coverage.py's counter of BN-like structures and its error measure: the numbers in the
+"""benchmarks/bn_coverage.py's counter of BN-like structures and its error measure: the numbers in the
 coverage table are only as good as these."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from models import converters, registry
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "coverage.py"
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "bn_coverage.py"
 _SPEC = importlib.util.spec_from_file_location("bnfold_coverage_bench", _PATH)
 assert _SPEC is not None and _SPEC.loader is not None
 coverage = importlib.util.module_from_spec(_SPEC)

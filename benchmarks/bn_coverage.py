@@ -2,9 +2,9 @@
 
 Usage (from the repository root, with the ``bench`` extra installed)::
 
-    python benchmarks/coverage.py                   # every model in models.registry.CONVERTERS
-    python benchmarks/coverage.py --models keras3-mobilenet trap-mul-last-axis --json out.json
-    python benchmarks/coverage.py --models --files exported.onnx   # real exports only
+    python benchmarks/bn_coverage.py                   # every model in models.registry.CONVERTERS
+    python benchmarks/bn_coverage.py --models keras3-mobilenet trap-mul-last-axis --json out.json
+    python benchmarks/bn_coverage.py --models --files exported.onnx   # real exports only
 
 For each model (``models.converters``, seed 0) and each tool, BN-like structures are counted before
 and after, and the tool's output is run against the original, both by onnxruntime at
