@@ -2,31 +2,31 @@
 
 Both models run on onnxruntime's CPUExecutionProvider at ``ORT_DISABLE_ALL``: at any higher
 level onnxruntime fuses Conv+BatchNormalization itself, and the reference would be a folded
-model too. The candidate is also loaded and run once at onnxruntime's default level
-(``ORT_ENABLE_ALL``), reported as ``candidate_runs_optimized``.
+model too. The reference also runs at ``ORT_ENABLE_ALL`` to calibrate the tolerances
+(:mod:`bnfold.verify.compare`), and the candidate once there (``candidate_runs_optimized``).
 
-What is compared
-    The graph outputs (matched by name, or by position when the names differ), and every
-    *intermediate* tensor that both main graphs produce under the same name with the same
-    known float type. The fold pass keeps each BN's output name (the absorbing Conv/Gemm
-    now writes it), so the intermediates are exactly the fold points and everything between
-    them; a wrong fold shows up at its own tensor, and ``first_divergent`` names the failing
-    tensors none of whose failing ancestors (in the reference graph) explain them.
-
-    At each fold point (a name the reference writes with a BatchNormalization and the
-    candidate with a Conv/ConvTranspose/Gemm) the candidate's stored weights are also checked
-    statically against the reference's layer and BN folded in float64, to 4 ulps of the weight
-    dtype (:mod:`bnfold.verify.weights`, reported in ``weights``). This check sees no runtime
-    noise: it catches what float32 noise hides, and fails a fold of a training-mode BN outright.
-
-The metric and the default tolerances are in :mod:`bnfold.verify.compare`; the inputs in
-:mod:`bnfold.verify.inputs`.
+Steps
+    1. The interface (:mod:`bnfold.verify.interface`): inputs, output types, overridable
+       initializers. A difference fails before anything runs.
+    2. The samples (:mod:`bnfold.verify.inputs`): given, or drawn seeded; If conditions take
+       both values; free dimensions are bound to a size both models run (``bound_dims``).
+    3. The pairs: graph outputs by name (:mod:`bnfold.verify.correspond`); intermediates by
+       name, as fold aliases (a name another tool kept after folding the BN behind it), or by
+       structure when renamed (:mod:`bnfold.verify.structure`), the last two confirmed on the
+       first sample; ``matched`` counts each kind.
+    4. Every sample through both models; each pair compared per channel. A wrong fold shows up
+       at its own tensor, and ``first_divergent`` names the failing tensors none of whose
+       failing ancestors (in the reference graph) explain them.
+    5. At each fold point the candidate's stored weights are checked statically against the
+       reference's layer and BN folded in float64, to 4 ulps of the weight dtype
+       (:mod:`bnfold.verify.weights`, reported in ``weights``): it catches what float32 noise
+       hides, and fails a fold of a training-mode BN outright.
 
 Limits
-    Every shared intermediate becomes a graph output, so onnxruntime keeps them all alive:
+    Every compared intermediate becomes a graph output, so onnxruntime keeps them all alive:
     memory grows with the activations of one sample (``intermediates=False`` avoids it).
-    Tensors inside If/Loop bodies, bfloat16 intermediates and tensors of unknown type are
-    not compared; fold points inside subgraphs, MatMul->Add folds and bfloat16 weights are
+    Tensors inside If/Loop bodies, bfloat16 intermediates and tensors of unknown type are not
+    compared; fold points inside subgraphs, behind Reshape/Flatten, and bfloat16 weights are
     not checked statically.
 """
 
