@@ -4,8 +4,6 @@ each of those has a reason, and onnxruntime (ORT_DISABLE_ALL) outputs match."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import onnx
 import pytest
@@ -18,11 +16,6 @@ registry = pytest.importorskip("models.registry")
 
 SMALL = registry.names(large=False)
 
-# Zoo entries whose BN the pass learned to fold after the registry documented them as unfoldable
-# (issue 12: the channel axis is followed through Transpose). The lead updates models/registry.py
-# at integration; until then the expectation is adjusted here.
-NEWLY_FOLDABLE = {"linear-transpose-bn1d": 1}
-
 
 @pytest.fixture(scope="session")
 def zoo_dir(tmp_path_factory):
@@ -32,9 +25,6 @@ def zoo_dir(tmp_path_factory):
 @pytest.mark.parametrize("name", SMALL, ids=SMALL)
 def test_zoo_model_folds_completely_and_exactly(name, zoo_dir):
     spec = registry.get(name)
-    if name in NEWLY_FOLDABLE and spec.expected_unfoldable:
-        newly = NEWLY_FOLDABLE[name]
-        spec = dataclasses.replace(spec, expected_unfoldable=spec.expected_unfoldable - newly)
     path = registry.build_onnx(name)
     model = onnx.load(str(path))
     assert count_bn(model) == spec.bn_count
