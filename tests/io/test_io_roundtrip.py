@@ -68,7 +68,6 @@ def test_stub_points_at_the_payload_inside_the_source_file(tmp_path, rng):
     typed = bio.stub_of(stub)
     assert typed is not None
     assert typed.source.location == "src.onnx" and typed.source.path == str(src)
-    assert typed.source.embedded
     assert not any(e.key.startswith("bnfold.") for e in stub.external_data)
     offset, length = typed.offset, typed.length
     original = next(t for t in model.graph.initializer if t.name == "conv_w")

@@ -42,14 +42,13 @@ INT64_MAX = 2**63 - 1
 
 @dataclass(frozen=True)
 class Source:
-    """A file that lazily loaded tensors point into, as it was when it was loaded."""
+    """The ``.onnx`` file a lazy load left stubs in, as it was when it was loaded: each stub's
+    payload is a ``raw_data`` field inside it."""
 
     path: str
     """Absolute path of the file."""
     location: str
-    """The location the model gave (external data), or the model file's base name."""
-    embedded: bool
-    """The file is the ``.onnx`` model itself: each payload is a ``raw_data`` field in it."""
+    """The file's base name (what error messages show)."""
     stamp: str
     """``size:mtime_ns:inode`` at load time; a read refuses a file that changed since."""
 
@@ -187,8 +186,7 @@ def stub_of(tensor: onnx.TensorProto) -> Stub | None:
 
 def is_lazy(tensor: onnx.TensorProto) -> bool:
     """Whether ``tensor`` is a stub into its own ``.onnx`` file made by ``load_model(lazy=True)``."""
-    stub = stub_of(tensor)
-    return stub is not None and stub.source.embedded
+    return stub_of(tensor) is not None
 
 
 def data_files(model: onnx.ModelProto) -> tuple[str, ...]:

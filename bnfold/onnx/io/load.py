@@ -158,9 +158,7 @@ def _load_lazy(fd: int, st: os.stat_result, path: str) -> tuple[onnx.ModelProto,
     except (OSError, ValueError) as err:
         raise InputError(f"{path}: cannot map the file ({err})") from None
     try:
-        source = Source(
-            path=os.path.abspath(path), location=os.path.basename(path), embedded=True, stamp=file_stamp(st)
-        )
+        source = Source(path=os.path.abspath(path), location=os.path.basename(path), stamp=file_stamp(st))
         token = register_source(source)
         try:
             data = _lazy_bytes(mm, size, token)

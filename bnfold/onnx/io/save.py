@@ -228,7 +228,7 @@ class _Writer:
             tensor, self.source_dir, f"tensor '{tensor.name}'", self._files
         )
         self._source_fd(path)  # opened now: an in-place save replaces the source only at the end
-        stub = ref.source is not None and ref.source.embedded
+        stub = ref.source is not None
         if not stub:
             self._data_sources.add(self._real[path])
         return (path, offset, length), stub
