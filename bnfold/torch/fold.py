@@ -247,10 +247,9 @@ class _Folder:
             sites = [o for _, outcomes in plans for o in outcomes if isinstance(o, Site)]
 
         names = _apply_rewrite(gm, sites, calls, read) if rewrite else _apply_swaps(module, sites)
+        qualified = {k: prefix + v for k, v in names.items()}
         for target, outcomes in plans:
-            self.entries.append(
-                report_entry(prefix + target, outcomes, {id(s): prefix + names[id(s)] for s in sites})
-            )
+            self.entries.append(report_entry(prefix + target, outcomes, qualified))
         if not sites:
             return module
         return gm.eval() if rewrite else module

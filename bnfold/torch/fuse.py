@@ -72,7 +72,8 @@ def fuse(prod: nn.Module, base: type, aff: fold_math.Affine) -> nn.Module | str:
     new_b, why = fold_math.cast_exact(b64, _NUMPY_DTYPES[bias_like.dtype], channel_axis=0)
     if new_b is None:
         return f"bias: {why}"
-    fused = copy.deepcopy(prod)
+    # the old weight and bias are replaced below: share them in the copy instead of copying them
+    fused = copy.deepcopy(prod, {id(t): t for t in (weight, bias) if t is not None})
     fused.weight = nn.Parameter(to_torch(new_w, weight), requires_grad=weight.requires_grad)
     fused.bias = nn.Parameter(to_torch(new_b, bias_like), requires_grad=bias_like.requires_grad)
     return fused

@@ -94,16 +94,37 @@ class BnIndex:
 
 
 class LeafTracer(fx.Tracer):
-    """torch.fx tracer that keeps BatchNorm-like modules and Conv/Linear modules as calls."""
+    """torch.fx tracer that keeps BatchNorm-like modules and Conv/Linear modules as calls.
+
+    It also finds the name of a parameter or buffer read in a forward (``x * self.gamma``) in a
+    dict: ``fx.Tracer.getattr`` searches ``root.named_parameters()`` on every read, which makes
+    tracing quadratic in depth for models with a layer scale in every block."""
 
     def __init__(self, index: BnIndex) -> None:
         super().__init__()
         self.index = index
+        self._names: tuple[nn.Module, dict[int, str], dict[int, str]] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if bn_kind(m) or (isinstance(m, PRODUCERS) and not self.index.contains_bn(m)):
             return True  # a Conv/Linear subclass with its own forward stays a call, reported as such
         return super().is_leaf_module(m, module_qualified_name)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if isinstance(attr_val, torch.Tensor) and not self.param_shapes_constant:
+            if self._names is None or self._names[0] is not self.root:
+                params = {id(p): n for n, p in self.root.named_parameters()}
+                buffers = {id(b): n for n, b in self.root.named_buffers()}
+                self._names = (self.root, params, buffers)
+            _, params, buffers = self._names
+            name = params.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+            if name is None and self.proxy_buffer_attributes:
+                name = buffers.get(id(attr_val))
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
 def trace(module: nn.Module, index: BnIndex) -> fx.GraphModule:

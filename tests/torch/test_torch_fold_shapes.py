@@ -190,3 +190,39 @@ def test_every_bn_module_has_a_report_entry(with_inputs):
     assert all("never calls it as a module" in s.detail for s in report.skipped)
     assert report.bn_total == len(bn_modules(model))
     assert_unchanged(model, folded, x)
+
+
+# --------------------------------------------------------------------------- linear in module count
+
+
+class LayerScaleBlock(nn.Module):
+    """Conv -> BN with a learned per-channel scale read in the forward (ConvNeXt-style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.gamma = nn.Parameter(torch.rand(1, 4, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return x + self.gamma * torch.relu(self.bn(self.conv(x)))
+
+
+def test_parameter_reads_do_not_search_every_parameter(monkeypatch):
+    """torch.fx's tracer looked a parameter read in a forward (``self.gamma``) up by walking
+    ``root.named_parameters()`` each time: tracing 1600 such blocks took 5.3 ms per block against
+    1.2 ms for 100. The tracer now finds the name in a dict built once per trace."""
+    calls = []
+    real = nn.Module.named_parameters
+
+    def counting(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        return real(self, *args, **kwargs)
+
+    model = randomize(nn.Sequential(*[LayerScaleBlock() for _ in range(40)]))
+    x = torch.randn(1, 4, 6, 6)
+    monkeypatch.setattr(nn.Module, "named_parameters", counting)
+    folded, report = fold_module(model, example_inputs=(x,))
+    monkeypatch.undo()
+    assert len(report.folded) == 40 and not report.skipped and bn_modules(folded) == []
+    assert calls.count("Sequential") <= 2, f"named_parameters walked {calls.count('Sequential')} times"
+    assert_same_outputs(model, folded, x, rtol=RTOL[torch.float32])
