@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 
+import numpy as np
 import onnx
 import pytest
 from io_models import (  # noqa: F401 - small_stub_threshold is an autouse fixture
@@ -13,6 +14,7 @@ from io_models import (  # noqa: F401 - small_stub_threshold is an autouse fixtu
     small_stub_threshold,
     tmp_files,
 )
+from onnx import TensorProto, numpy_helper
 
 import bnfold.onnx.io as bio
 from bnfold.errors import BnfoldError, InputError
@@ -117,3 +119,38 @@ def test_bad_output_path(tmp_path, rng, make, message):
 def test_explicit_location_that_escapes_is_rejected(tmp_path, rng):
     with pytest.raises(InputError, match="relative path"):
         bio.save_model(conv_bn_mlp(rng), tmp_path / "out.onnx", external_data=True, location="../x.data")
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["embedded", "external"])
+def test_large_in_memory_tensors_are_written_without_encoding_them(tmp_path, rng, external, monkeypatch):
+    """A fold's new weights are in-memory tensors: their payload is written between the head's
+    fields, never through ByteSize/SerializeToString of the whole tensor; the bytes are the same."""
+    model = conv_bn_mlp(rng)
+    for i, dtype in enumerate((np.float32, np.float16, np.float64)):
+        model.graph.initializer.append(
+            numpy_helper.from_array(rng.normal(size=(70_000 + i)).astype(dtype), f"big{i}")
+        )
+    model.graph.initializer[-1].doc_string = "after raw_data? no: doc_string is field 12, raw_data 9"
+    encoded = []
+
+    def spy(method):
+        real = getattr(TensorProto, method)
+
+        def encode(self, *args, **kwargs):
+            if self.name.startswith("big") and self.HasField("raw_data"):
+                encoded.append((method, self.name))
+            return real(self, *args, **kwargs)
+
+        return encode
+
+    out = tmp_path / "out.onnx"
+    expected = model.SerializeToString()
+    for method in ("SerializeToString", "ByteSize"):
+        monkeypatch.setattr(TensorProto, method, spy(method))
+    bio.save_model(model, out, external_data=external)
+    monkeypatch.undo()
+    assert encoded == []
+    if external:
+        assert full(str(out)) == expected
+    else:
+        assert out.read_bytes() == expected

@@ -71,6 +71,8 @@ _MEMORY = "memory"
 """An in-memory tensor written with its own SerializeToString."""
 _MEMORY_RAW = "memory-raw"
 """An in-memory tensor still marked external (onnx's half-converted state): raw_data + head."""
+_RAW = "raw"
+"""An in-memory tensor with a large raw payload: written as head fields + the payload."""
 _SOURCE = "source"
 """A stub or external tensor: the payload is copied from a file."""
 
@@ -115,6 +117,14 @@ def tensor_head(tensor: onnx.TensorProto) -> onnx.TensorProto:
         elif tensor.HasField(name):
             copy_field(out, fd, getattr(tensor, name))
     return out
+
+
+def _likely_large(tensor: onnx.TensorProto) -> bool:
+    """Whether the dims promise at least 64 KiB of payload (decided without touching raw_data)."""
+    count = 1
+    for d in tensor.dims:
+        count *= max(d, 0)
+    return count * 2 >= 1 << 16  # any type of two bytes or more; 4-bit types are rare here
 
 
 def payload_len_from_sizes(total: int, head: int) -> int:
@@ -269,6 +279,11 @@ class _Writer:
                 uses_external = True
                 head = tensor_head(tensor).SerializeToString()
                 items.append(_Item(tensor, _MEMORY_RAW, len(tensor.raw_data), head=head))
+            elif tensor.HasField("raw_data") and _likely_large(tensor):
+                # ByteSize would encode the whole tensor (and SerializeToString again): take the
+                # payload's length and later write the payload itself between the head's fields
+                head = tensor_head(tensor).SerializeToString()
+                items.append(_Item(tensor, _RAW, len(tensor.raw_data), head=head))
             else:
                 size = tensor.ByteSize()
                 item = _Item(tensor, _MEMORY, memory_size=size)
@@ -293,7 +308,7 @@ class _Writer:
                 item.external = not item.stub
             elif item.kind == _MEMORY_RAW:
                 item.external = True
-            else:
+            else:  # _MEMORY, _RAW: in memory, embedded in the source model
                 item.external = large and uses_external
             if item.tensor.data_type == onnx.TensorProto.STRING:
                 item.external = False
