@@ -4,6 +4,8 @@ parsed (``--shape NAME=DIMS``, ``--json [PATH]``). Used by :mod:`bnfold.cli.fold
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from collections.abc import Sequence
 from typing import Annotated
@@ -108,6 +110,19 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit(EXIT_OK)
 
 
+def _inputs_path(value: str | None) -> str | None:
+    """``--inputs`` names an .npz file or a folder (a FIFO or device would hang or crash the reader)."""
+    if value is not None and os.path.exists(value) and not (os.path.isfile(value) or os.path.isdir(value)):
+        raise typer.BadParameter(f"{value} is not a regular file or a folder", param_hint="--inputs")
+    return value
+
+
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 VersionOption = Annotated[
     bool,
     typer.Option("--version", callback=_version_callback, is_eager=True, help="Print versions and exit."),
@@ -127,6 +142,7 @@ InputsOption = Annotated[
     str | None,
     typer.Option(
         "--inputs",
+        callback=_inputs_path,
         metavar="NPZ|DIR",
         help="Verify on these inputs: an .npz (keys = input names) or a folder of TensorProto .pb files.",
         show_default=False,
@@ -135,13 +151,26 @@ InputsOption = Annotated[
 SeedOption = Annotated[
     int, typer.Option("--seed", min=0, metavar="N", help="Seed of the generated verification inputs.")
 ]
+MAX_SAMPLES = 1_000_000
+"""More samples than anyone waits for; a 20-digit --samples is a typo, not a plan."""
+
 SamplesOption = Annotated[
-    int, typer.Option("--samples", min=1, metavar="N", help="Number of generated input samples to verify on.")
+    int,
+    typer.Option(
+        "--samples",
+        min=1,
+        max=MAX_SAMPLES,
+        metavar="N",
+        help="Number of generated input samples to verify on.",
+    ),
 ]
+
+
 AtolOption = Annotated[
     float | None,
     typer.Option(
         "--atol",
+        callback=_finite,
         min=0.0,
         metavar="FLOAT",
         help="Absolute tolerance (default: 0, per dtype).",
@@ -152,6 +181,7 @@ RtolOption = Annotated[
     float | None,
     typer.Option(
         "--rtol",
+        callback=_finite,
         min=0.0,
         metavar="FLOAT",
         help="Relative tolerance, of the tensor's magnitude (default: per dtype; 1e-4 for float32).",

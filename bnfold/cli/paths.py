@@ -180,6 +180,8 @@ def check_writable(path: str | None, option: str) -> None:
     unwritable place, before doing any work."""
     if path is None:
         return
+    if path == "":
+        raise typer.BadParameter("the report path is empty", param_hint=option)
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise typer.BadParameter(f"{path} is a directory", param_hint=option)

@@ -112,6 +112,10 @@ def verification_section(
 ) -> RenderableType:
     if v is None:
         return Text.assemble((f"{title}: ", "bold"), ("skipped (--no-verify)", "yellow"))
+    if v.compared_on == "unchanged":  # nothing was folded: the verifier had nothing to run
+        return Text.assemble(
+            (f"{title}: ", "bold"), (v.status.value, _STATUS_STYLE[v.status.value]), f" — {esc(v.message)}"
+        )
     style = _STATUS_STYLE[v.status.value]
     how = f"{v.samples} sample{'s' if v.samples != 1 else ''}"
     if v.seed is not None and v.input_source == "generated":

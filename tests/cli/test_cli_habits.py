@@ -154,8 +154,20 @@ def test_shape_peer_forms_through_the_cli(model: Path, spec: str) -> None:
         (["--shape", "x=99999999999999999999"], ("--shape", "larger than")),
         (["--shape", "x:[1,3"], ("--shape", "x:[1,3")),
         (["--seed", "-1"], ("--seed",)),
+        (["--samples", "99999999999999999999"], ("--samples",)),
+        (["--rtol", "inf"], ("--rtol", "finite")),
+        (["--atol", "1e400"], ("--atol", "finite")),
+        (["--json-file", ""], ("--json-file", "empty")),
     ],
-    ids=["twenty-digit-dimension", "unclosed-bracket", "negative-seed"],
+    ids=[
+        "twenty-digit-dimension",
+        "unclosed-bracket",
+        "negative-seed",
+        "twenty-digit-samples",
+        "infinite-rtol",
+        "overflowing-atol",
+        "empty-report-path",
+    ],
 )
 def test_out_of_range_numbers_are_one_line_exit_2(
     model: Path, args: list[str], needles: tuple[str, ...]

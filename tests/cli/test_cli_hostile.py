@@ -241,7 +241,7 @@ def test_ctrl_c_says_nothing_was_written(model: Path, monkeypatch: pytest.Monkey
 
 def test_sigint_during_verification_exits_130_in_one_line(model: Path) -> None:
     proc = subprocess.Popen(
-        [*bnfold_exe(), str(model), "-o", str(model.with_name("f.onnx")), "--samples", "2000000"],
+        [*bnfold_exe(), str(model), "-o", str(model.with_name("f.onnx")), "--samples", "1000000"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -352,7 +352,7 @@ def test_sigterm_cleans_up_like_ctrl_c(model: Path) -> None:
     out_dir = model.parent / "deploy"
     out_dir.mkdir()
     proc = subprocess.Popen(
-        [*bnfold_exe(), str(model), "-o", str(out_dir / "f.onnx"), "--samples", "2000000"],
+        [*bnfold_exe(), str(model), "-o", str(out_dir / "f.onnx"), "--samples", "1000000"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -367,3 +367,24 @@ def test_sigterm_cleans_up_like_ctrl_c(model: Path) -> None:
     assert proc.returncode == 143, err
     assert err.splitlines()[-1] == "bnfold: terminated; nothing was written" and "Traceback" not in err
     assert os.listdir(out_dir) == [], "no staging folder or partial output left"
+
+
+def test_inputs_that_are_a_fifo_is_exit_2_not_a_crash(model: Path, tmp_path: Path) -> None:
+    """Before: --inputs naming a FIFO was an internal error (NotADirectoryError), exit 3."""
+    fifo = tmp_path / "inputs.npz"
+    os.mkfifo(fifo)
+    result = runner.invoke(app, [str(model), "-o", str(tmp_path / "f.onnx"), "--inputs", str(fifo)])
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "--inputs", "not a regular file or a folder")
+    assert not (tmp_path / "f.onnx").exists()
+
+
+def test_an_unchanged_model_says_why_nothing_ran(model: Path, tmp_path: Path) -> None:
+    """A model with nothing to fold is verified without a run; the summary said 'passed — 0 samples'
+    and 'no shared tensor names', which read as a verification that silently compared nothing."""
+    first = tmp_path / "once.onnx"
+    assert runner.invoke(app, [str(model), "-o", str(first), "-q"]).exit_code == 0
+    result = runner.invoke(app, [str(first), "-o", str(tmp_path / "twice.onnx")])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.stdout.splitlines() if x.startswith("Verification:"))
+    assert line.startswith("Verification: passed — nothing folded") and "0 samples" not in result.stdout
