@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from io_models import canonical, conv_bn_mlp, full, small_stub_threshold  # noqa: F401 - autouse fixture
 from onnx import numpy_helper
@@ -230,3 +231,43 @@ def test_killed_at_a_random_moment_of_a_save_leaves_a_consistent_pair(tmp_path, 
     child.wait(timeout=60)
     got = full(dst)
     assert got in (old, canonical(model))
+
+
+FOLD_CHILD = textwrap.dedent(
+    """
+    import sys
+    import bnfold.onnx.io as bio
+    from bnfold.onnx.fold import fold_model
+    from bnfold.onnx.io import load as load_mod
+    load_mod.LAZY_THRESHOLD = 1024
+    src = sys.argv[1]
+    model = bio.load_model(src, lazy=True)
+    assert fold_model(model, base_dir=bio.source_dir_of(model)).folded
+    with bio.Staging(src, reads=[src]) as stage:
+        bio.save_model(model, stage.path, location=stage.location, external_data=True)
+        stage.publish()
+    """
+)
+
+
+@pytest.mark.parametrize("point", ["data-renamed#2", "model-renamed#2"])
+def test_in_place_fold_killed_between_the_renames_keeps_a_consistent_pair(tmp_path, rng, point):
+    """The real pass (``fold_model``) folding an external-data model in place, killed between
+    the publish's renames: the model runs, unfolded (old pair) or folded (new pair)."""
+    model = conv_bn_mlp(rng)
+    src = str(tmp_path / "m.onnx")
+    bio.save_model(model, src, external_data=True)
+    old = full(src)
+    env = {**os.environ, KILL_HOOK: point}
+    done = subprocess.run([sys.executable, "-c", FOLD_CHILD, src], env=env, capture_output=True, check=False)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode(errors="replace")[-2000:]
+    onnx.checker.check_model(src)
+    loaded = onnx.load(src)
+    bn = sum(n.op_type == "BatchNormalization" for n in loaded.graph.node)
+    assert (full(src) == old) == (point.startswith("data")) and bn == (1 if point.startswith("data") else 0)
+    feeds = {"x": rng.normal(size=(1, 4, 8, 8)).astype(np.float32)}
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    expected = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    got = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(got.run(None, feeds)[0], expected.run(None, feeds)[0], rtol=1e-5, atol=1e-5)
