@@ -6,7 +6,8 @@ With ``lazy=True`` the large initializer payloads are not parsed at all: the fil
 main-graph initializer whose ``raw_data`` is at least :data:`LAZY_THRESHOLD` bytes becomes a
 *stub*: a ``TensorProto`` with name, dims, data type and doc string and a typed reference to
 its bytes in the ``.onnx`` file (see :mod:`bnfold.onnx.io.external`). Main-graph tensors that
-live in external data files become typed references to those files; nothing of them is read.
+live in external data files stay plain references (checked, not read); the model remembers its
+folder (:func:`~bnfold.onnx.io.external.source_dir_of`) for ``save_model``.
 Initializers inside subgraphs, sparse initializers and tensors in node attributes are parsed
 normally (and their external data loaded), so they are correct but not lazy.
 
