@@ -69,11 +69,11 @@ def _bn_section(title: str, report: FoldReport, *, verbose: bool) -> RenderableT
 
 
 def absorber(f: Folded) -> str:
-    """The layer that absorbed a BN, for people: ``Conv conv1``; an unnamed one by what it now
-    writes (``Conv writing bn1_out``), since ``Conv Conv`` names nothing."""
+    """The layer that absorbs a BN, for people: ``Conv conv1``; an unnamed one by the tensor it
+    writes once folded (``unnamed Conv (output bn1_out)``), since ``Conv Conv`` names nothing."""
     if f.producer and f.producer != f.producer_op:
         return f"{f.producer_op} {f.producer}"
-    return f"{f.producer_op} writing {f.output}" if f.output else f"unnamed {f.producer_op}"
+    return f"unnamed {f.producer_op} (output {f.output})" if f.output else f"unnamed {f.producer_op}"
 
 
 def bn_table(

@@ -83,7 +83,7 @@ def test_unnamed_absorber_is_named_by_what_it_writes(tmp_path: Path, rng: np.ran
     src = save(m, tmp_path / "u.onnx")
     result = runner.invoke(app, [src, "-o", str(tmp_path / "f.onnx"), "-v"])
     assert result.exit_code == 0, result.output
-    assert "bn1 → Conv writing bn1_out" in result.stdout
+    assert "bn1 → unnamed Conv (output bn1_out)" in result.stdout
     assert "Conv Conv" not in result.stdout
 
 
