@@ -24,12 +24,12 @@ from torch import fx, nn
 
 from ..report import SkipReason
 from .messages import first_line
+from .paths import metadata_only
 
 _F_BATCH_NORM = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _TORCH_BATCH_NORM = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
 _BATCH_NORMS = {torch.nn.functional.batch_norm: _F_BATCH_NORM, torch.batch_norm: _TORCH_BATCH_NORM}
 _DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
-_METADATA = frozenset({"ndim", "shape", "dtype", "device", "size", "dim", "numel"})
 
 
 @dataclass(frozen=True)
@@ -108,10 +108,7 @@ def _call_problem(bn: nn.Module, x: fx.Node, args: dict) -> tuple[SkipReason, st
 def _input_problem(x: fx.Node, call: fx.Node) -> tuple[SkipReason, str] | None:
     """The input may also be read for its metadata, which folding does not change."""
     for user in x.users:
-        if user is call:
-            continue
-        attr = user.args[1] if user.op == "call_function" and user.target is getattr else user.target
-        if not (user.op in ("call_function", "call_method") and attr in _METADATA and user.args[0] is x):
+        if user is not call and not metadata_only(user, x):
             return (
                 SkipReason.UNTRACEABLE,
                 f"the forward also uses its input in {user.name}, not only the BatchNorm",

@@ -179,7 +179,7 @@ class _Folder:
 
     def _capture(self) -> None:
         """Run the model once on the example inputs, recording every module's calls (for the
-        ranks inside traceable children, and to tell which BNs are called at all)."""
+        shapes inside traceable children, and to tell which BNs are called at all)."""
         assert self.args is not None
         handles = []
 
@@ -203,7 +203,7 @@ class _Folder:
     # ---- folding inside one traced graph
 
     def _fold_traced(self, module: nn.Module, gm: fx.GraphModule, prefix: str, *, is_root: bool) -> nn.Module:
-        ranks = self._ranks(gm, module, is_root=is_root)
+        shapes = self._shapes(gm, module, is_root=is_root)
         mods = dict(gm.named_modules())
         nodes = list(gm.graph.nodes)
         calls = Counter(n.target for n in nodes if n.op == "call_module")
@@ -236,7 +236,7 @@ class _Folder:
                 continue
             self.reported.add(id(bn))
             plans.append(
-                (target, [check_call(n, bn, prefix=prefix, mods=mods, ranks=ranks) for n in bn_nodes])
+                (target, [check_call(n, bn, prefix=prefix, mods=mods, shapes=shapes) for n in bn_nodes])
             )
 
         sites = [o for _, outcomes in plans for o in outcomes if isinstance(o, Site)]
@@ -254,23 +254,26 @@ class _Folder:
             return module
         return gm.eval() if rewrite else module
 
-    # ---- ranks from the example inputs
+    # ---- shapes from the example inputs
 
-    def _ranks(self, gm: fx.GraphModule, module: nn.Module, *, is_root: bool) -> dict[str, set[int]]:
-        """Rank of every tensor-valued node over the example runs; {} when unknown."""
+    def _shapes(
+        self, gm: fx.GraphModule, module: nn.Module, *, is_root: bool
+    ) -> dict[str, list[tuple[int, ...]]]:
+        """The shape of every tensor-valued node at each of its executions over the example runs,
+        in execution order; {} when unknown."""
         if self.args is None:
             return {}
         runs = [(self.args, {})] if is_root else self.calls.get(id(module), [])
-        ranks: dict[str, set[int]] = defaultdict(set)
+        shapes: dict[str, list[tuple[int, ...]]] = defaultdict(list)
         for args, kwargs in runs:
             values = _bind(module, gm, args, kwargs)
             if values is None:
                 return {}
-            recorder = _RankRecorder(gm)
+            recorder = _ShapeRecorder(gm)
             try:
                 with torch.no_grad():
                     recorder.run(*values)
-            except Exception as exc:  # noqa: BLE001 - ranks are best-effort; the module itself is run below
+            except Exception as exc:  # noqa: BLE001 - shapes are best-effort; the module itself is run below
                 if is_root:
                     try:
                         with torch.no_grad():
@@ -279,11 +282,11 @@ class _Folder:
                         raise InputError(
                             f"example_inputs: the module fails on them: {first_line(exc2)}"
                         ) from exc2
-                log.debug("ranks unknown: the traced graph of %s fails: %s", type(module).__name__, exc)
+                log.debug("shapes unknown: the traced graph of %s fails: %s", type(module).__name__, exc)
                 return {}
-            for k, v in recorder.ranks.items():
-                ranks[k] |= v
-        return dict(ranks)
+            for k, v in recorder.shapes.items():
+                shapes[k] += v
+        return dict(shapes)
 
 
 def _swap_only(outcome: Site | Skipped, blockers: dict[int, str], prefix: str) -> Site | Skipped:
@@ -336,7 +339,7 @@ def _apply_rewrite(gm: fx.GraphModule, sites: list[Site], calls: Counter, read: 
     for s in sites:
         names[id(s)] = place(s.prod_node, s.fused)
         if isinstance(s.replacement, nn.Identity):
-            s.bn_node.replace_all_uses_with(s.prod_node)
+            s.bn_node.replace_all_uses_with(s.bn_input)
             gm.graph.erase_node(s.bn_node)
         else:  # a custom BN: the rest of its forward stays
             place(s.bn_node, s.replacement)
@@ -346,15 +349,15 @@ def _apply_rewrite(gm: fx.GraphModule, sites: list[Site], calls: Counter, read: 
     return names
 
 
-class _RankRecorder(fx.Interpreter):
+class _ShapeRecorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
-        self.ranks: dict[str, set[int]] = defaultdict(set)
+        self.shapes: dict[str, list[tuple[int, ...]]] = defaultdict(list)
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         if isinstance(out, torch.Tensor):
-            self.ranks[n.name].add(out.dim())
+            self.shapes[n.name].append(tuple(out.shape))
         return out
 
 

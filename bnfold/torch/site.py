@@ -26,22 +26,31 @@ from ..report import Folded, Skipped, SkipReason
 from .bn_forward import split_forward
 from .fuse import affine, fuse
 from .modules import BN_RANKS, PRODUCERS, bn_kind, bn_tensors, producer_base
+from .paths import channel_kept, look_through_op, metadata_only
+
+Shapes = dict[str, list[tuple[int, ...]]]
+"""Node name -> the shape of its tensor at each execution on the example inputs (empty: unknown)."""
 
 
 @dataclass(frozen=True)
 class Site:
-    """One BN call that folds: its node, the producer's node and module, the folded producer, and
-    what replaces the BN module (``nn.Identity``, or the rest of a custom BN's forward)."""
+    """One BN call that folds: its node and input node, the absorbing layer's node and module
+    (the producer before the BN, or the layer after it for a forward fold), the folded layer,
+    what replaces the BN module (``nn.Identity``, or the rest of a custom BN's forward), and the
+    ops looked through between them."""
 
     bn_node: fx.Node
+    bn_input: fx.Node
     prod_node: fx.Node
     producer: nn.Module
     fused: nn.Module
     replacement: nn.Module
+    through: tuple[str, ...] = ()
+    direction: str = "backward"
 
 
 def check_call(
-    node: fx.Node, bn: nn.Module, *, prefix: str, mods: dict[str, nn.Module], ranks: dict[str, set[int]]
+    node: fx.Node, bn: nn.Module, *, prefix: str, mods: dict[str, nn.Module], shapes: Shapes
 ) -> Site | Skipped:
     """Fold one BN call, or say why not. Handles: BatchNorm{1,2,3}d and SyncBatchNorm with
     running statistics (affine or not), FrozenBatchNorm buffers, BatchNorm subclasses whose
@@ -68,22 +77,76 @@ def check_call(
         return skip(SkipReason.NO_PRODUCER, "its input is a model input: nothing to absorb it")
     if src.op == "get_attr":
         return skip(SkipReason.NO_PRODUCER, f"its input is the stored tensor {prefix}{src.target}")
-    prod = mods.get(str(src.target)) if src.op == "call_module" else None
-    base = producer_base(prod) if prod is not None else None
-    if prod is None or base is None:
-        return skip(SkipReason.UNSUPPORTED_PRODUCER, f"its input comes from {_describe(src, prod, prefix)}")
+    bn_input, through = src, ()
+    look = look_through_op(src)
+    if look is not None and _producer_call(src.args[0], mods) is not None:
+        bn_input, src, through = src, src.args[0], (look,)
+    prod = _producer_call(src, mods)
+    if prod is None:
+        mod = mods.get(str(src.target)) if src.op == "call_module" else None
+        return skip(SkipReason.UNSUPPORTED_PRODUCER, f"its input comes from {_describe(src, mod, prefix)}")
+    base = producer_base(prod)
     pname, op = prefix + str(src.target), type(prod).__name__
-    if len(src.users) > 1:
-        others = [u for u in src.users if u is not node]
+    reader = bn_input if through else node
+    others = [u for u in src.users if u is not reader and not metadata_only(u, src)]
+    others += [u for u in bn_input.users if u is not node] if through else []
+    if others:
         what = ", ".join("the model output" if u.op == "output" else u.name for u in others)
         return skip(SkipReason.PRODUCER_OUTPUT_SHARED, f"the output of {pname} also feeds {what}", pname, op)
-    problem = _producer_problem(prod, pname) or _shape_problem(prod, base, bn, pname, ranks.get(src.name))
+    problem = _producer_problem(prod, pname)
+    if problem is None and through:
+        problem = _path_problem(prod, base, bn, look, shapes.get(src.name), shapes.get(bn_input.name))
+    if problem is None:
+        problem = _shape_problem(prod, base, bn, pname, ranks_of(shapes, src.name), axis_proven=bool(through))
     if problem is not None:
         return skip(*problem, pname, op)
     fused = fuse(prod, base, affine(bn_tensors(bn), eps))
     if isinstance(fused, str):
         return skip(SkipReason.NOT_REPRESENTABLE, fused, pname, op)
-    return Site(bn_node=node, prod_node=src, producer=prod, fused=fused, replacement=replacement)
+    return Site(
+        bn_node=node,
+        bn_input=bn_input,
+        prod_node=src,
+        producer=prod,
+        fused=fused,
+        replacement=replacement,
+        through=through,
+    )
+
+
+def _producer_call(node: object, mods: dict[str, nn.Module]) -> nn.Module | None:
+    """The module a ``call_module`` node runs when it is a stock Conv/ConvTranspose/Linear."""
+    if not isinstance(node, fx.Node) or node.op != "call_module":
+        return None
+    mod = mods.get(str(node.target))
+    return mod if mod is not None and producer_base(mod) is not None else None
+
+
+def _path_problem(
+    prod: nn.Module, base: type, bn: nn.Module, look: str, before: list | None, after: list | None
+) -> tuple[SkipReason, str] | None:
+    """A reshape-like op between the layer and the BN must move the layer's channel axis to the
+    BN's axis 1 on every example run (:func:`bnfold.torch.paths.channel_kept`)."""
+    if not before or not after or len(before) != len(after):
+        return (
+            SkipReason.AXIS_NOT_PRESERVED,
+            (
+                f"the {look} between the {base.__name__} and the BatchNorm keeps the channel axis only for "
+                "some shapes; pass example_inputs to prove it"
+            ),
+        )
+    allowed = next((r for cls, r in BN_RANKS if isinstance(bn, cls)), None)
+    for s_in, s_out in zip(before, after):
+        axis = len(s_in) - 1 if base is nn.Linear else 1
+        if not channel_kept(s_in, s_out, axis) or (allowed is not None and len(s_out) not in allowed):
+            return (
+                SkipReason.AXIS_NOT_PRESERVED,
+                (
+                    f"the {look} from {list(s_in)} to {list(s_out)} does not put the {base.__name__}'s "
+                    f"channel axis {axis} on the BatchNorm's axis 1"
+                ),
+            )
+    return None
 
 
 def _bn_problem(bn: nn.Module) -> tuple[SkipReason, str] | None:
@@ -122,7 +185,7 @@ def _producer_problem(prod: nn.Module, pname: str) -> tuple[SkipReason, str] | N
 
 
 def _shape_problem(
-    prod: nn.Module, base: type, bn: nn.Module, pname: str, out_ranks: set[int] | None
+    prod: nn.Module, base: type, bn: nn.Module, pname: str, out_ranks: set[int] | None, *, axis_proven: bool
 ) -> tuple[SkipReason, str] | None:
     channels = prod.out_features if base is nn.Linear else prod.out_channels
     if bn.running_mean.numel() != channels:
@@ -130,8 +193,14 @@ def _shape_problem(
             SkipReason.SHAPE_MISMATCH,
             f"{pname} has {channels} output channels, the BatchNorm {bn.running_mean.numel()}",
         )
-    axis = axis_problem(prod, base, bn, out_ranks)
+    axis = "" if axis_proven else axis_problem(prod, base, bn, out_ranks)
     return (SkipReason.CHANNEL_AXIS_MISMATCH, axis) if axis else None
+
+
+def ranks_of(shapes: Shapes, name: str) -> set[int] | None:
+    """The ranks a node's tensor had on the example inputs, or None when unknown."""
+    seen = shapes.get(name)
+    return {len(shape) for shape in seen} if seen else None
 
 
 def axis_problem(prod: nn.Module, base: type, bn: nn.Module, out_ranks: set[int] | None) -> str:
@@ -184,7 +253,16 @@ def report_entry(bn: str, outcomes: list[Site | Skipped], names: dict[int, str])
     if not skips:
         producers = list(dict.fromkeys(names[id(s)] for s in sites))
         ops = list(dict.fromkeys(type(s.producer).__name__ for s in sites))
-        return Folded(bn=bn, producer=", ".join(producers), producer_op=", ".join(ops), output="")
+        through = tuple(dict.fromkeys(op for s in sites for op in s.through))
+        direction = ", ".join(dict.fromkeys(s.direction for s in sites))
+        return Folded(
+            bn=bn,
+            producer=", ".join(producers),
+            producer_op=", ".join(ops),
+            output="",
+            direction=direction,
+            through=through,
+        )
     first = skips[0]
     if len(outcomes) > 1:
         done = f"; folded at {len(sites)} of its {len(outcomes)} calls" if sites else ""

@@ -226,3 +226,121 @@ def test_parameter_reads_do_not_search_every_parameter(monkeypatch):
     assert len(report.folded) == 40 and not report.skipped and bn_modules(folded) == []
     assert calls.count("Sequential") <= 2, f"named_parameters walked {calls.count('Sequential')} times"
     assert_same_outputs(model, folded, x, rtol=RTOL[torch.float32])
+
+
+# --------------------------------------------------------------------------- through flatten/reshape
+
+
+class LinearNorm(nn.Module):
+    """timm LeViT's ``LinearNorm``: Linear on (B, N, C), BatchNorm1d on (B*N, C), shape restored."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(c_in, c_out, bias=False)
+        self.bn = nn.BatchNorm1d(c_out)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class LinearReshapeNorm(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(c, c), nn.BatchNorm1d(c)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        return self.bn(torch.reshape(self.fc(x), (-1, c))).view(b, n, c)
+
+
+class ConvFlattenNorm(nn.Module):
+    """Conv2d -> flatten(2) -> BatchNorm1d on (N, C, H*W): axis 1 is still the channel axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 5, 3), nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return self.bn(self.conv(x).flatten(2))
+
+
+THROUGH = [
+    ("levit-linear-norm", lambda: LinearNorm(6, 8), (2, 5, 6), "linear", "flatten"),
+    ("linear-reshape", lambda: LinearReshapeNorm(6), (3, 4, 6), "fc", "reshape"),
+    ("conv-flatten-spatial", ConvFlattenNorm, (2, 3, 6, 6), "conv", "flatten"),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "producer", "op"), [t[1:] for t in THROUGH], ids=[t[0] for t in THROUGH]
+)
+def test_bn_after_a_reshape_that_keeps_the_channel_axis_folds(make, shape, producer, op):
+    """LeViT's linear-norm blocks flatten (B, N, C) to (B*N, C) before BatchNorm1d: the channel
+    axis is the Linear's feature axis on both sides, so the fold is exact; no peer folds it."""
+    model = randomize(make()).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    folded, report = fold_module(model, example_inputs=(x,))
+    f = only_folded(report)
+    assert (f.bn, f.producer, f.through, f.direction) == ("bn", producer, (op,), "backward")
+    assert bn_modules(folded) == [] and isinstance(folded.bn, nn.Identity)
+    assert_same_outputs(model, folded, x, rtol=RTOL[torch.float64])
+    assert_same_outputs(
+        model, folded, torch.randn(1, *shape[1:], dtype=torch.float64), rtol=RTOL[torch.float64]
+    )
+
+
+class FlattenAllNorm(nn.Module):
+    """Linear(6, 6) on (B, 6, 6), flattened to (B, 36): BatchNorm1d(36) mixes L and F."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(6, 6), nn.BatchNorm1d(36)
+
+    def forward(self, x):
+        return self.bn(self.fc(x).flatten(1))
+
+
+class ReshapeShared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(6, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        y = self.linear(x)
+        return self.bn(y.flatten(0, 1)), y
+
+
+THROUGH_SKIPS = [
+    ("no-example-inputs", LinearNorm, None, SkipReason.AXIS_NOT_PRESERVED, "pass example_inputs"),
+    (
+        "flatten-merges-the-channel-axis",
+        FlattenAllNorm,
+        (2, 6, 6),
+        SkipReason.AXIS_NOT_PRESERVED,
+        "[2, 6, 6] to [2, 36]",
+    ),
+    (
+        "linear-output-also-returned",
+        ReshapeShared,
+        (2, 3, 6),
+        SkipReason.PRODUCER_OUTPUT_SHARED,
+        "model output",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "reason", "words"), [t[1:] for t in THROUGH_SKIPS], ids=[t[0] for t in THROUGH_SKIPS]
+)
+def test_bn_after_a_reshape_that_is_not_proven_is_left(make, shape, reason, words):
+    model = randomize(make() if make is not LinearNorm else LinearNorm(6, 6))
+    x = torch.randn(*(shape or (2, 3, 6)))
+    folded, report = fold_module(model, example_inputs=(x,) if shape else None)
+    s = only_skipped(report)
+    assert s.bn == "bn" and s.reason is reason and words in s.detail, s
+    assert bn_modules(folded) == bn_modules(model)
+    with torch.no_grad():
+        ref, out = model(x), folded(x)
+    for r, o in zip(ref if isinstance(ref, tuple) else (ref,), out if isinstance(out, tuple) else (out,)):
+        assert torch.equal(r, o)
