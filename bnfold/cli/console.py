@@ -58,6 +58,13 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with control characters escaped (node names come from the model)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(printable(line) for line in super().format(record).split("\n"))
+
+
 @contextmanager
 def logging_to_stderr(args: Sequence[str]) -> Iterator[None]:
     """bnfold's log records on stderr for this run: debug with --debug, info with -v, else
@@ -74,7 +81,7 @@ def logging_to_stderr(args: Sequence[str]) -> Iterator[None]:
         level = logging.WARNING
     logger = logging.getLogger("bnfold")
     handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("bnfold: %(name)s: %(message)s"))
+    handler.setFormatter(_PrintableFormatter("bnfold: %(name)s: %(message)s"))
     old_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(level)

@@ -178,3 +178,12 @@ def test_json_with_non_utf8_path_and_console(tmp_path: Path, model: Path) -> Non
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["written"] and doc["input"].endswith(".onnx")
+
+
+def test_debug_logs_escape_control_characters(tmp_path: Path, rng: np.random.Generator) -> None:
+    m = conv_bn_model(rng)
+    next(n for n in m.graph.node if n.op_type == "BatchNormalization").name = "bn\x1b[2J"
+    src = save(m, tmp_path / "ctl.onnx")
+    result = runner.invoke(app, [src, "-o", str(tmp_path / "f.onnx"), "--debug"])
+    assert result.exit_code == 0, result.output
+    assert "bnfold: " in result.stderr and "\x1b" not in result.stderr and "\x1b" not in result.stdout
