@@ -163,7 +163,7 @@ def _exit_code_of(exc: BaseException, *, debug: bool) -> int:
     """Say what went wrong in one line on stderr (a traceback first with ``--debug``) and
     return the documented exit code; re-raise what is not ours to handle (SystemExit)."""
     if isinstance(exc, click_exceptions.NoArgsIsHelpError):
-        print(exc.ctx.get_help() if exc.ctx else "usage: bnfold MODEL -o OUT", file=sys.stderr)
+        print(exc.ctx.get_help() if exc.ctx else "usage: bnfold MODEL [OUT]", file=sys.stderr)
         return EXIT_USAGE
     if isinstance(exc, click_exceptions.UsageError):
         command = exc.ctx.command_path if exc.ctx is not None else "bnfold"
@@ -204,7 +204,7 @@ app = typer.Typer(
     help=(
         "Fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul, verified with "
         "onnxruntime.\n\n"
-        "bnfold MODEL -o OUT folds (short for bnfold fold); "
+        "bnfold MODEL [OUT] folds, verifies and writes (short for bnfold fold); "
         "bnfold check MODEL... reports what could still be folded.\n\n"
         "Exit codes: 0 success, 1 findings, 2 usage or input error, 3 internal error."
     ),

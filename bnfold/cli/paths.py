@@ -84,7 +84,7 @@ def resolve_paths(
         refuse_special(output)
         return Target(factory, output)
     if model is None:
-        raise UsageError("missing MODEL (bnfold MODEL -o OUT)")
+        raise UsageError("missing MODEL (bnfold MODEL [OUT])")
     if os.path.isdir(model):
         raise InputError(f"{model}: is a directory, not a model (bnfold check takes directories)")
     if not os.path.exists(model):
