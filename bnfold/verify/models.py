@@ -20,7 +20,7 @@ import onnxruntime as ort
 from google.protobuf.message import EncodeError
 from onnx import TensorProto, helper
 
-from ..onnx.io import copy_except, load_model, save_model
+from ..onnx.io import copy_except, load_model, save_model, stub_of
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,41 @@ class OrtModel:
             save_model(self.proto, self.path, external_data=True)
 
     def serialized(self) -> bytes:
+        """The bytes sessions are built from. For a file, a weightless copy when the lazy load
+        left stubs: onnxruntime reads those weights from the file itself (external references,
+        shared with the page cache) instead of from a copy of the file in Python."""
         if self._bytes is None:
-            self._bytes = Path(self.path).read_bytes()
+            self._bytes = weightless(self.proto, self.path) or Path(self.path).read_bytes()
         return self._bytes
+
+
+def weightless(model: onnx.ModelProto, path: str) -> bytes | None:
+    """``model`` (lazily loaded from ``path``) with each stub turned into an external reference
+    onnxruntime can follow (its file, relative to ``path``'s folder, at the payload's offset);
+    None when that does not apply."""
+    folder = os.path.dirname(os.path.abspath(path))
+    copy = onnx.ModelProto()
+    stubs = [s for g in _graphs(model.graph) for t in g.initializer if (s := stub_of(t)) is not None]
+    if not stubs or any(os.path.dirname(s.source.path) != folder for s in stubs):
+        return None  # no stub, or ``path`` is a copy written elsewhere (stubs resolved into it)
+    copy.CopyFrom(model)  # stubs carry no payload: this copies the graph, not the weights
+    for graph in _graphs(copy.graph):
+        for tensor in graph.initializer:
+            stub = stub_of(tensor)
+            if stub is None:
+                continue
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = os.path.relpath(stub.source.path, folder)
+    return serialize(copy)
+
+
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _graphs(g)
 
 
 def serialize(model: onnx.ModelProto) -> bytes | None:
@@ -98,9 +130,12 @@ def open_model(model: ModelLike, label: str) -> OrtModel:
 
 
 def session_options(level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
+    """Options of every verification session: weight pre-packing off (a packed copy of each
+    weight per session; a few samples do not repay it)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = level
     so.log_severity_level = 3
+    so.add_session_config_entry("session.disable_prepacking", "1")
     return so
 
 
@@ -108,9 +143,7 @@ def session(model: OrtModel, extra_outputs: Sequence[onnx.ValueInfoProto], level
     """One InferenceSession of ``model`` with ``extra_outputs`` appended to its graph outputs."""
     so = session_options(level)
     try:
-        if model.path is not None and not extra_outputs:
-            return ort.InferenceSession(model.path, so, providers=[PROVIDER])
-        if model.path is not None:  # from bytes, external data is looked up in this folder
+        if model.path is not None:  # external data (and weightless stubs) are found in this folder
             so.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", os.path.dirname(model.path)
             )

@@ -3,7 +3,7 @@ measured to make at each tensor, not against a fixed fraction of the tensor's ow
 
 Before calibration, bnfold reverted every fold of YOLO-shaped and visformer-shaped models as
 ``verification-failed`` (a Sigmoid of very negative logits, deep Erf/Softmax tensors), and the run
-still said "passed". The noise comes from a second run of the reference at ORT_ENABLE_ALL, where
+still said "passed". The noise comes from a second run of the reference at ORT_ENABLE_BASIC, where
 onnxruntime folds the BNs itself.
 """
 
@@ -83,7 +83,7 @@ def test_reference_that_cannot_run_optimized_is_compared_uncalibrated(rng, monke
     real = ort.InferenceSession
 
     def no_optimized(model, sess_options=None, **kwargs):
-        if sess_options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+        if sess_options.graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL:
             raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : fusion broke")
         return real(model, sess_options, **kwargs)
 
