@@ -62,6 +62,18 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
                 yield f"{a.name}[{i}]", g
 
 
+def metadata_inputs(node: onnx.NodeProto) -> list[str]:
+    """The inputs ``node`` reads only the element type or static shape of: ``CastLike``'s second,
+    ``Shape``'s and ``Size``'s only (see :mod:`.constants`)."""
+    if node.domain not in DEFAULT_DOMAINS:
+        return []
+    if node.op_type == "CastLike" and len(node.input) > 1 and node.input[1]:
+        return [node.input[1]]
+    if node.op_type in ("Shape", "Size") and node.input and node.input[0]:
+        return [node.input[0]]
+    return []
+
+
 def has_subgraph(node: onnx.NodeProto) -> bool:
     return any(True for _ in subgraphs(node))
 
@@ -211,6 +223,8 @@ class Scope:
     doomed: set[tuple[str, str]] = field(default_factory=set)  # nodes to delete at the end of a round
     stale_names: set[str] = field(default_factory=set)  # value_info to drop at the end of a round
     not_constant: set[str] = field(default_factory=set)  # names found not constant (see constant_or_none)
+    meta_readers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+    """Name -> nodes of this scope that read only its element type or shape (see single_use)."""
 
     @classmethod
     def of_graph(
@@ -245,13 +259,22 @@ class Scope:
 
     def reindex(self) -> None:
         self.producer = {o: n for n in self.nodes for o in n.output if o}
+        self.meta_readers = {}
+        for n in self.nodes:
+            for name in metadata_inputs(n):
+                self.meta_readers.setdefault(name, []).append(n)
 
     def uses(self, name: str) -> int:
         return self.ns.uses[name]
 
     def single_use(self, name: str) -> bool:
-        """``name`` feeds exactly one node input and is not an output of this scope."""
-        return name not in self.outputs and self.ns.uses[name] == 1
+        """``name`` feeds exactly one node input by value and is not an output of this scope.
+
+        Readers of its metadata alone (``CastLike``'s second input, ``Shape``/``Size``) do not
+        count: a fold that renames ``name`` points them at a tensor of the same type and shape.
+        """
+        readers = self.meta_readers.get(name)
+        return name not in self.outputs and self.ns.uses[name] - (len(readers) if readers else 0) == 1
 
     def overridable(self, name: str) -> bool:
         """An initializer also listed as a graph input can be fed at run time (IR >= 4)."""

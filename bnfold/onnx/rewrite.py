@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import Scope, node_id
+from .graph import Scope, metadata_inputs, node_id
 from .plan import Plan
 
 
@@ -92,6 +92,7 @@ def _bypass(scope: Scope, plan: Plan) -> None:
     src = plan.source
     readers = [*plan.renamed, plan.chain[0]]
     old, new = src.output, src.input
+    retarget_metadata(scope, old, new)
     for i, node in enumerate(readers):
         for j, name in enumerate(node.input):
             if name == old:
@@ -105,6 +106,7 @@ def _bypass(scope: Scope, plan: Plan) -> None:
         node.output[0] = new
         if old in ns.types:
             ns.types.setdefault(new, ns.types[old])
+        retarget_metadata(scope, old, new)
         scope.producer.pop(old, None)
         scope.producer[new] = node
         scope.stale_names.add(old)
@@ -156,6 +158,7 @@ def _rename_chain(scope: Scope, chain: list[onnx.NodeProto], final: str) -> None
         node.output[0] = new
         if old in ns.types:  # other values, same type and shape
             ns.types.setdefault(new, ns.types[old])
+        retarget_metadata(scope, old, new)
         if i < last:
             nxt = chain[i + 1]
             for j, name in enumerate(nxt.input):
@@ -169,6 +172,23 @@ def _rename_chain(scope: Scope, chain: list[onnx.NodeProto], final: str) -> None
     scope.stale_names.discard(final)
 
 
+def retarget_metadata(scope: Scope, old: str, new: str) -> None:
+    """Point the readers of ``old``'s type/shape alone at ``new``, which has the same type and
+    shape (the renamed output of a fold's chain)."""
+    readers = scope.meta_readers.pop(old, None)
+    if not readers or old == new:
+        if readers:
+            scope.meta_readers[old] = readers
+        return
+    for node in readers:
+        for j, name in enumerate(node.input):
+            if name == old and name in metadata_inputs(node):
+                node.input[j] = new
+                scope.ns.uses[old] -= 1
+                scope.ns.uses[new] += 1
+    scope.meta_readers.setdefault(new, []).extend(readers)
+
+
 def kill(scope: Scope, node: onnx.NodeProto) -> None:
     """Mark ``node`` dead: its inputs lose a use, its outputs leave the producer map.
 
@@ -178,6 +198,9 @@ def kill(scope: Scope, node: onnx.NodeProto) -> None:
     for i in node.input:
         if i:
             scope.ns.uses[i] -= 1
+    for name in metadata_inputs(node):
+        readers = scope.meta_readers.get(name, [])
+        readers[:] = [r for r in readers if r is not node]
     for o in node.output:
         scope.producer.pop(o, None)
     scope.stale_names.update(o for o in node.output if o)

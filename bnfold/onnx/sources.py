@@ -159,10 +159,14 @@ def chain_steps(
     if first is None:
         return None
     before = scope.producer.get(first.activation)
-    if before is not None and scope.single_use(first.activation) and affine_step(scope, before) is not None:
+    if (
+        before is not None
+        and _only_reader(scope, first.activation)
+        and affine_step(scope, before) is not None
+    ):
         return None
     steps = [first]
-    while scope.single_use(steps[-1].node.output[0]):
+    while _only_reader(scope, steps[-1].node.output[0]):
         out = steps[-1].node.output[0]
         readers = [n for n in consumers.get(out, ()) if node_id(n) not in scope.doomed]
         nxt = affine_step(scope, readers[0]) if len(readers) == 1 else None
@@ -170,6 +174,11 @@ def chain_steps(
             break
         steps.append(nxt)
     return steps
+
+
+def _only_reader(scope: Scope, name: str) -> bool:
+    """One reader in all (metadata readers included): a chain's inner tensors disappear."""
+    return name not in scope.outputs and scope.uses(name) == 1
 
 
 def chain_source(scope: Scope, steps: Sequence[Step]) -> Source | Reject | None:

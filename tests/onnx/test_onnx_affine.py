@@ -238,3 +238,46 @@ def test_shape_of_a_dynamic_dimension_is_not_constant(rng):
     result = fold_onnx(g.model())
     assert [s.reason for s in result.report.skipped] == [SkipReason.NON_CONSTANT_WEIGHT]
     assert "not static" in result.report.skipped[0].detail
+
+
+def gemm_bn_with_metadata_readers(rng, *, survivor: bool) -> G:
+    """torch dynamo's BatchNorm1d(affine=False): gamma/beta are ``Expand(CastLike(1|0, y),
+    Shape(y, start=1, end=2))``, so the Gemm output ``y`` has readers of its type and shape
+    besides the BN. ``survivor``: one more ``Shape(y)`` feeds a Reshape that stays."""
+    g = G(rng)
+    g.input("x", [3, 5])
+    g.node("Gemm", ["x", g.init("W", rng.normal(0, 1, (5, 4)).astype(np.float32))], ["y"])
+    params = []
+    for name, v in (("one", 1.0), ("zero", 0.0)):
+        g.nodes.append(
+            helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(v, np.float32)))
+        )
+        g.node("CastLike", [name, "y"], [f"{name}_c"])
+        g.node("Shape", ["y"], [f"{name}_dims"], start=1, end=2)
+        g.node("Expand", [f"{name}_c", f"{name}_dims"], [f"{name}_vec"])
+        params.append(f"{name}_vec")
+    stats = [
+        g.init("mean", rng.normal(0, 1, 4).astype(np.float32)),
+        g.init("var", rng.uniform(0.5, 2, 4).astype(np.float32)),
+    ]
+    g.nodes.append(helper.make_node("BatchNormalization", ["y", *params, *stats], ["z"], name="bn"))
+    out = "z"
+    if survivor:
+        g.node("Shape", ["y"], ["dims"])
+        g.node("Reshape", ["z", "dims"], ["out"])
+        out = "out"
+    g.output(out, shape=[3, 4])
+    return g
+
+
+@pytest.mark.parametrize("survivor", [False, True], ids=["params-only", "shape-reused"])
+def test_readers_of_type_and_shape_do_not_block_a_fold(rng, survivor):
+    """Such a BN was left as producer-output-shared; the metadata readers now read the BN's
+    output (same type and shape) and the model stays valid."""
+    g = gemm_bn_with_metadata_readers(rng, survivor=survivor)
+    out = fold_checked(g, n_folded=1)
+    assert count_bn(out) == 0
+    assert "y" not in {o for n in out.graph.node for o in n.output}
+    if survivor:
+        shape_node = next(n for n in out.graph.node if n.op_type == "Shape")
+        assert shape_node.input[0] == "z"
