@@ -59,21 +59,48 @@ def affine(stats: tuple[Any, Any, Any, Any], eps: float) -> fold_math.Affine:
 def fuse(prod: nn.Module, base: type, aff: fold_math.Affine) -> nn.Module | str:
     """A copy of ``prod`` with ``aff`` applied to its output channels, or why it cannot be."""
     weight, bias = prod.weight, prod.bias
-    bias_like = bias if bias is not None else weight
-    for what, t in (("weight", weight), ("bias", bias_like)):
-        if t.dtype not in _NUMPY_DTYPES:
-            return f"{what}: dtype {str(t.dtype).removeprefix('torch.')} is not supported"
+    if _unsupported(prod):
+        return _unsupported(prod)
     groups = prod.groups if base in CONV_T else 1
     axis = 1 if base in CONV_T else 0
     new_w, why = fold_math.scale_weight_exact(to_numpy(weight), aff.scale, axis=axis, groups=groups)
     if new_w is None:
         return f"weight: {why}"
     b64 = fold_math.fold_bias(None if bias is None else np.asarray(to_numpy(bias), np.float64), aff)
+    return _with(prod, new_w, b64)
+
+
+def _unsupported(layer: nn.Module) -> str:
+    """'' when the layer's weight and bias have a dtype the arithmetic handles, else why not."""
+    for what, t in (("weight", layer.weight), ("bias", layer.bias)):
+        if t is not None and t.dtype not in _NUMPY_DTYPES:
+            return f"{what}: dtype {str(t.dtype).removeprefix('torch.')} is not supported"
+    return ""
+
+
+def _with(layer: nn.Module, new_w: np.ndarray, b64: np.ndarray) -> nn.Module | str:
+    """A copy of ``layer`` with weight ``new_w`` and the float64 bias ``b64`` rounded once."""
+    weight, bias = layer.weight, layer.bias
+    bias_like = bias if bias is not None else weight
     new_b, why = fold_math.cast_exact(b64, _NUMPY_DTYPES[bias_like.dtype], channel_axis=0)
     if new_b is None:
         return f"bias: {why}"
     # the old weight and bias are replaced below: share them in the copy instead of copying them
-    fused = copy.deepcopy(prod, {id(t): t for t in (weight, bias) if t is not None})
+    fused = copy.deepcopy(layer, {id(t): t for t in (weight, bias) if t is not None})
     fused.weight = nn.Parameter(to_torch(new_w, weight), requires_grad=weight.requires_grad)
     fused.bias = nn.Parameter(to_torch(new_b, bias_like), requires_grad=bias_like.requires_grad)
     return fused
+
+
+def fuse_forward(linear: nn.Module, aff: fold_math.Affine) -> nn.Module | str:
+    """A copy of ``linear`` that first applies ``aff`` to its input features (a BN before it):
+    ``W' = W diag(scale)``, ``b' = b + W shift`` (:func:`bnfold.fold_math.forward_matrix`; the
+    weight ``(out, in)`` has its input-feature axis at 1), or why it cannot be."""
+    weight, bias = linear.weight, linear.bias
+    if _unsupported(linear):
+        return _unsupported(linear)
+    new_w, why, delta = fold_math.forward_matrix(to_numpy(weight), aff, k_axis=1)
+    if new_w is None:
+        return f"weight: {why}"
+    b64 = delta if bias is None else np.asarray(to_numpy(bias), np.float64) + delta
+    return _with(linear, new_w, b64)

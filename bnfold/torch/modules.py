@@ -17,10 +17,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.utils.parametrize
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import InputError
+from ..report import SkipReason
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -62,6 +64,27 @@ def producer_base(m: nn.Module) -> type | None:
             if base in CONV and type(m)._conv_forward is not base._conv_forward:
                 return None
             return base
+    return None
+
+
+def weight_problem(prod: nn.Module, pname: str) -> tuple[SkipReason, str] | None:
+    """Why the layer's stored weight and bias cannot be rewritten (run-time weights, hooks,
+    integer dtypes), or None."""
+    weight = prod._parameters.get("weight")
+    if torch.nn.utils.parametrize.is_parametrized(prod) or not isinstance(weight, nn.Parameter):
+        return (
+            SkipReason.NON_CONSTANT_WEIGHT,
+            f"{pname}.weight is computed at run time (parametrization or weight_norm)",
+        )
+    if isinstance(weight, nn.parameter.UninitializedTensorMixin) or weight.is_meta:
+        return SkipReason.NON_CONSTANT_WEIGHT, f"{pname}.weight holds no values (lazy or meta)"
+    if prod._forward_hooks or prod._forward_pre_hooks:
+        return (
+            SkipReason.NON_CONSTANT_WEIGHT,
+            f"{pname} has forward hooks that may change its weight or output at run time",
+        )
+    if not weight.is_floating_point() or (prod.bias is not None and not prod.bias.is_floating_point()):
+        return SkipReason.UNSUPPORTED_DTYPE, f"{pname}.weight has dtype {weight.dtype}"
     return None
 
 

@@ -16,16 +16,17 @@ mismatch, which is detected when ``example_inputs`` are given and otherwise assu
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-import torch.nn.utils.parametrize
 from torch import fx, nn
 
 from ..report import Folded, Skipped, SkipReason
 from .bn_forward import split_forward
+from .forward import check_forward
 from .fuse import affine, fuse
-from .modules import BN_RANKS, PRODUCERS, bn_kind, bn_tensors, producer_base
+from .modules import BN_RANKS, PRODUCERS, bn_kind, bn_tensors, producer_base, weight_problem
 from .paths import channel_kept, look_through_op, metadata_only
 
 Shapes = dict[str, list[tuple[int, ...]]]
@@ -55,7 +56,9 @@ def check_call(
     """Fold one BN call, or say why not. Handles: BatchNorm{1,2,3}d and SyncBatchNorm with
     running statistics (affine or not), FrozenBatchNorm buffers, BatchNorm subclasses whose
     own forward is BN then anything (:mod:`bnfold.torch.bn_forward`); producers Conv{1,2,3}d,
-    ConvTranspose{1,2,3}d (any groups), Linear; float16/bfloat16/float32/float64 weights."""
+    ConvTranspose{1,2,3}d (any groups), Linear, also through a reshape that keeps the channel
+    axis; when nothing before the BN absorbs it, the Linear after it (:mod:`bnfold.torch.forward`);
+    float16/bfloat16/float32/float64 weights."""
     name = prefix + str(node.target)
 
     def skip(reason: SkipReason, detail: str, producer: str = "", op: str = "") -> Skipped:
@@ -73,6 +76,58 @@ def check_call(
     if len(node.args) + len(node.kwargs) != 1:
         return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, "the BatchNorm is called with extra arguments")
     src = node.args[0] if node.args else next(iter(node.kwargs.values()))
+    result = _backward(node, bn, src, eps, replacement, skip, prefix=prefix, mods=mods, shapes=shapes)
+    if (
+        isinstance(result, Site)
+        or result.reason not in _TRY_FORWARD
+        or not isinstance(replacement, nn.Identity)
+    ):
+        return result
+    ranks = ranks_of(shapes, node.name)
+    forward = check_forward(node, bn, eps, prefix=prefix, mods=mods, ranks=ranks)
+    if forward is None or not isinstance(src, fx.Node):
+        return result
+    if isinstance(forward, Skipped):
+        return dataclasses.replace(
+            result, detail=f"{result.detail}; folding it forward into {forward.producer}: {forward.detail}"
+        )
+    user, linear, fused = forward
+    return Site(
+        bn_node=node,
+        bn_input=src,
+        prod_node=user,
+        producer=linear,
+        fused=fused,
+        replacement=replacement,
+        direction="forward",
+    )
+
+
+_TRY_FORWARD = frozenset(
+    {
+        SkipReason.NO_PRODUCER,
+        SkipReason.UNSUPPORTED_PRODUCER,
+        SkipReason.PRODUCER_OUTPUT_SHARED,
+        SkipReason.CHANNEL_AXIS_MISMATCH,
+        SkipReason.AXIS_NOT_PRESERVED,
+    }
+)
+"""Refusals of the layer before the BN after which the layer after it is tried."""
+
+
+def _backward(
+    node: fx.Node,
+    bn: nn.Module,
+    src: object,
+    eps: float,
+    replacement: nn.Module,
+    skip: Callable[..., Skipped],
+    *,
+    prefix: str,
+    mods: dict[str, nn.Module],
+    shapes: Shapes,
+) -> Site | Skipped:
+    """The BN folded into the layer that produces its input ``src``, possibly through a reshape."""
     if not isinstance(src, fx.Node) or src.op == "placeholder":
         return skip(SkipReason.NO_PRODUCER, "its input is a model input: nothing to absorb it")
     if src.op == "get_attr":
@@ -93,7 +148,7 @@ def check_call(
     if others:
         what = ", ".join("the model output" if u.op == "output" else u.name for u in others)
         return skip(SkipReason.PRODUCER_OUTPUT_SHARED, f"the output of {pname} also feeds {what}", pname, op)
-    problem = _producer_problem(prod, pname)
+    problem = weight_problem(prod, pname)
     if problem is None and through:
         problem = _path_problem(prod, base, bn, look, shapes.get(src.name), shapes.get(bn_input.name))
     if problem is None:
@@ -162,25 +217,6 @@ def _bn_problem(bn: nn.Module) -> tuple[SkipReason, str] | None:
         return SkipReason.UNSUPPORTED_DTYPE, "BatchNorm statistics are not floating point"
     if bn._forward_hooks or bn._forward_pre_hooks:
         return SkipReason.NON_CONSTANT_BN_PARAM, "the BatchNorm has forward hooks, which folding would drop"
-    return None
-
-
-def _producer_problem(prod: nn.Module, pname: str) -> tuple[SkipReason, str] | None:
-    weight = prod._parameters.get("weight")
-    if torch.nn.utils.parametrize.is_parametrized(prod) or not isinstance(weight, nn.Parameter):
-        return (
-            SkipReason.NON_CONSTANT_WEIGHT,
-            f"{pname}.weight is computed at run time (parametrization or weight_norm)",
-        )
-    if isinstance(weight, nn.parameter.UninitializedTensorMixin) or weight.is_meta:
-        return SkipReason.NON_CONSTANT_WEIGHT, f"{pname}.weight holds no values (lazy or meta)"
-    if prod._forward_hooks or prod._forward_pre_hooks:
-        return (
-            SkipReason.NON_CONSTANT_WEIGHT,
-            f"{pname} has forward hooks that may change its weight or output at run time",
-        )
-    if not weight.is_floating_point() or (prod.bias is not None and not prod.bias.is_floating_point()):
-        return SkipReason.UNSUPPORTED_DTYPE, f"{pname}.weight has dtype {weight.dtype}"
     return None
 
 

@@ -344,3 +344,79 @@ def test_bn_after_a_reshape_that_is_not_proven_is_left(make, shape, reason, word
         ref, out = model(x), folded(x)
     for r, o in zip(ref if isinstance(ref, tuple) else (ref,), out if isinstance(out, tuple) else (out,)):
         assert torch.equal(r, o)
+
+
+# --------------------------------------------------------------------------- forward into a Linear
+
+
+class InputNormLinear(nn.Module):
+    """BatchNorm1d on the model input, then a Linear: nothing before the BN can absorb it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm1d(6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.bn(x))
+
+
+class ReluNormLinear(nn.Module):
+    """Linear -> ReLU -> BatchNorm1d -> Linear (bias-less): the BN folds into the second Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 3, bias=False)
+
+    def forward(self, x):
+        return self.fc2(self.bn(torch.relu(self.fc1(x))))
+
+
+@pytest.mark.parametrize(
+    ("make", "c_in", "linear"),
+    [(InputNormLinear, 6, "fc"), (ReluNormLinear, 5, "fc2")],
+    ids=["on-input", "after-relu"],
+)
+def test_bn_before_a_linear_folds_forward(make, c_in, linear):
+    """BN before Linear: W' = W diag(s), b' = b + W t, exact on (N, F) input."""
+    model = randomize(make()).double()
+    x = torch.randn(7, c_in, dtype=torch.float64)
+    folded, report = fold_module(model, example_inputs=(x,))
+    f = only_folded(report)
+    assert (f.bn, f.producer, f.producer_op, f.direction) == ("bn", linear, "Linear", "forward")
+    assert bn_modules(folded) == [] and isinstance(folded.bn, nn.Identity)
+    assert getattr(folded, linear).bias is not None
+    assert_same_outputs(model, folded, x, rtol=RTOL[torch.float64])
+    model32, x32 = randomize(make()), torch.randn(7, c_in)
+    assert_same_outputs(
+        model32, fold_module(model32, example_inputs=(x32,))[0], x32, rtol=RTOL[torch.float32]
+    )
+
+
+class NormOn3D(nn.Module):
+    """BatchNorm1d(6) on (N, 6, 6) normalizes axis 1; the Linear mixes the last axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm1d(6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.bn(x))
+
+
+FORWARD_SKIPS = [
+    ("no-example-inputs", InputNormLinear, None, "rank of the BatchNorm's input is unknown"),
+    ("bn-on-rank-3", NormOn3D, (2, 6, 6), "rank 3"),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "words"), [c[1:] for c in FORWARD_SKIPS], ids=[c[0] for c in FORWARD_SKIPS]
+)
+def test_bn_before_a_linear_is_left_when_the_axis_is_not_proven(make, shape, words):
+    model = randomize(make())
+    x = torch.randn(*(shape or (4, 6)))
+    folded, report = fold_module(model, example_inputs=(x,) if shape else None)
+    s = only_skipped(report)
+    assert s.bn == "bn" and s.reason is SkipReason.NO_PRODUCER, s
+    assert "folding it forward into fc" in s.detail and words in s.detail, s.detail
+    assert_unchanged(model, folded, x)
