@@ -281,3 +281,51 @@ def test_readers_of_type_and_shape_do_not_block_a_fold(rng, survivor):
     if survivor:
         shape_node = next(n for n in out.graph.node if n.op_type == "Shape")
         assert shape_node.input[0] == "z"
+
+
+# --------------------------------------------------------------------------- look-through paths
+
+
+def gemm_path_bn(rng, op: str) -> G:
+    """x (3, 5) -> Gemm (7) -> <op> -> BN -> out: the BN reads the Gemm's features through op."""
+    g = G(rng)
+    g.input("x", [3, 5])
+    g.node("Gemm", ["x", g.init("W", rng.normal(0, 1, (5, 7)).astype(np.float32))], ["y"])
+    shape = [3, 7]
+    if op == "Unsqueeze":
+        g.node("Unsqueeze", ["y", g.init("axes", np.array([2, 3], np.int64))], ["p"])
+        shape = [3, 7, 1, 1]
+    elif op == "Dropout-training":
+        g.node(
+            "Dropout",
+            ["y", g.init("ratio", np.array(0.0, np.float32)), g.init("train", np.array(True))],
+            ["p"],
+        )
+    else:
+        g.node(op, ["y"], ["p"])
+    g.bn("p", 7, "z")
+    g.output("z", shape=shape)
+    return g
+
+
+@pytest.mark.parametrize("op", ["Identity", "Dropout", "Unsqueeze"])
+def test_bn_folds_through_a_look_through_op(rng, op):
+    g = gemm_path_bn(rng, op)
+    out = fold_checked(g, n_folded=1)
+    f = fold_onnx(g.model()).report.folded[0]
+    assert (f.through, f.producer_op) == ((op,), "Gemm")
+    writers = {o: n.op_type for n in out.graph.node for o in n.output}
+    assert writers["z"] == op and "y" not in writers and "p" not in writers
+
+
+def test_dropout_in_training_mode_is_not_looked_through(rng):
+    assert_refused(gemm_path_bn(rng, "Dropout-training"), SkipReason.UNSUPPORTED_PRODUCER, fragment="Dropout")
+
+
+def test_transpose_whose_output_is_read_elsewhere_blocks_the_fold(rng):
+    g = gemm_path_bn(rng, "Identity")
+    g.nodes[1].op_type = "Transpose"
+    g.nodes[1].attribute.extend([helper.make_attribute("perm", [0, 1])])
+    g.node("Neg", ["p"], ["side"])
+    g.output("side", shape=[3, 7])
+    assert_refused(g, SkipReason.PRODUCER_OUTPUT_SHARED, fragment="Transpose")
