@@ -33,6 +33,7 @@ import typer
 from bnfold.cli import junit
 from bnfold.cli.console import Ui, one_line, print_error, stdout_to_stderr
 from bnfold.cli.names import check_shape_names
+from bnfold.cli.npz_casts import npz_casts
 from bnfold.cli.options import (
     AtolOption,
     DebugOption,
@@ -138,10 +139,12 @@ def check_command(
             )
         if not os.path.isfile(against):
             raise InputError(f"{against}: {'is a directory' if os.path.isdir(against) else 'no such file'}")
-        if shape:
+        if shape or inputs:
             from bnfold.onnx.io import load_model
 
-            check_shape_names(load_model(against, lazy=True), shapes_of(shape) or {}, path=against)
+            reference = load_model(against, lazy=True)
+            check_shape_names(reference, shapes_of(shape) or {}, path=against)
+            npz_casts(reference, inputs)  # refuses a cast that changes values
     from bnfold.verify import VerifyOptions
 
     options = CheckOptions(

@@ -15,6 +15,7 @@ import typer
 
 from bnfold.cli.console import Ui, one_line, stdout_to_stderr
 from bnfold.cli.names import check_shape_names, exclude_outputs
+from bnfold.cli.npz_casts import npz_casts
 from bnfold.cli.options import (
     AtolOption,
     DebugOption,
@@ -243,6 +244,7 @@ def fold_onnx_request(req: FoldRequest, *, progress: Callable[[str], None]) -> F
     before = model_stats(model, req.source)
     exclude = exclude_outputs(model, req.exclude, path=req.source)
     check_shape_names(model, req.options.shapes or {}, path=req.source)
+    casts = npz_casts(model, req.options.inputs)
     del model
     in_place = same_file(req.source, req.output)
     try:
@@ -258,7 +260,14 @@ def fold_onnx_request(req: FoldRequest, *, progress: Callable[[str], None]) -> F
             progress=step,
         )
     except VerificationError as exc:
-        return not_written(req, exc, start=start, before=before, report=getattr(exc.result, "report", None))
+        return not_written(
+            req,
+            exc,
+            start=start,
+            before=before,
+            report=getattr(exc.result, "report", None),
+            input_casts=casts,
+        )
     except BnfoldError as exc:
         raise _naming(exc, req.source) from exc
     return written(
@@ -268,6 +277,7 @@ def fold_onnx_request(req: FoldRequest, *, progress: Callable[[str], None]) -> F
         before=before,
         after=stats_for_path(req.output),
         start=start,
+        input_casts=casts,
     )
 
 

@@ -41,6 +41,11 @@ def fold_summary(outcome: FoldOutcome, *, verbose: bool = False) -> RenderableTy
     if outcome.report is not None:
         parts.append(_bn_section("BatchNormalization", outcome.report, verbose=verbose))
     parts.append(verification_section(outcome.verification, verbose=verbose))
+    if outcome.input_casts:
+        casts = ", ".join(f"{c.input} {c.source} → {c.target}" for c in outcome.input_casts)
+        parts.append(
+            Text(f"  inputs cast to the model's types: {esc(casts)} (every value exact)", style="dim")
+        )
     torch_check = (outcome.export or {}).get("torch_vs_onnx")
     if isinstance(torch_check, VerifyReport):
         parts.append(_torch_line(torch_check))

@@ -13,6 +13,7 @@ from bnfold.cli.versions import bnfold_version
 from bnfold.report import FoldReport, VerifyReport, jsonable
 
 if TYPE_CHECKING:  # bnfold.verify imports onnxruntime: only when a command verifies
+    from bnfold.cli.npz_casts import InputCast
     from bnfold.verify import VerifyOptions
 
 EXIT_OK = 0
@@ -86,6 +87,8 @@ class FoldOutcome:
     strict: bool = False
     export: Mapping[str, Any] | None = None
     """PyTorch inputs only: ``ExportResult.extra`` (exporter, ``torch_vs_onnx`` comparison)."""
+    input_casts: tuple[InputCast, ...] = ()
+    """``--inputs`` arrays cast to the model's input dtypes (every value exact, or refused)."""
 
     def to_dict(self) -> dict[str, Any]:
         return envelope(
@@ -104,6 +107,7 @@ class FoldOutcome:
                 "module_report": self.module_report.to_dict() if self.module_report else None,
                 "verification": self.verification.to_dict() if self.verification else None,
                 "export": jsonable(dict(self.export)) if self.export is not None else None,
+                "input_casts": [c.to_dict() for c in self.input_casts],
             },
         )
 

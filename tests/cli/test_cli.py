@@ -50,6 +50,7 @@ FOLD_KEYS = {
     "module_report",
     "verification",
     "export",
+    "input_casts",
 }
 CHECK_KEYS = {
     "schema_version",

@@ -418,3 +418,50 @@ def test_factory_positional_naming_an_existing_file_is_not_replaced(factories: P
     assert result.exit_code == 2
     one_error_line(result.stderr, "MODEL or --factory", "-o")
     assert existing.read_bytes() == b"keep me"
+
+
+# --------------------------------------------------------------------------------------------
+# --inputs of another dtype
+
+
+@pytest.mark.parametrize(
+    ("make", "source"),
+    [
+        (lambda rng: rng.integers(0, 255, (1, 3, 8, 8)).astype(np.uint8), "uint8"),
+        (lambda rng: rng.standard_normal((1, 3, 8, 8)).astype(np.float32).astype(np.float64), "float64"),
+    ],
+    ids=["uint8-image", "float64-holding-float32-values"],
+)
+def test_exact_npz_casts_are_reported(model: Path, rng: np.random.Generator, make, source: str) -> None:  # type: ignore[no-untyped-def]
+    """Issue 11: .npz arrays of another dtype were cast silently."""
+    npz = model.with_name("in.npz")
+    np.savez(npz, x=make(rng))
+    result = runner.invoke(
+        app, [str(model), "-o", str(model.with_name("f.onnx")), "--inputs", str(npz), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["input_casts"] == [{"input": "x", "from": source, "to": "float32"}]
+    assert doc["verification"]["status"] == "passed" and doc["verification"]["input_source"].startswith(
+        "npz:"
+    )
+    human = runner.invoke(app, [str(model), "-o", str(model.with_name("g.onnx")), "--inputs", str(npz)])
+    assert f"inputs cast to the model's types: x {source} → float32 (every value exact)" in human.stdout
+
+
+@pytest.mark.parametrize("command", ["fold", "check"], ids=["fold", "check-against"])
+def test_lossy_npz_cast_is_refused(model: Path, rng: np.random.Generator, command: str) -> None:
+    """Issue 11: a float64 array with more precision than float32 was verified on other values."""
+    npz = model.with_name("in.npz")
+    np.savez(npz, x=rng.standard_normal((1, 3, 8, 8)))  # float64, not representable in float32
+    out = model.with_name("f.onnx")
+    if command == "fold":
+        args = [str(model), "-o", str(out), "--inputs", str(npz)]
+    else:
+        runner.invoke(app, [str(model), "-o", str(out), "-q"])
+        args = ["check", str(out), "--against", str(model), "--inputs", str(npz)]
+    before = out.read_bytes() if out.exists() else None
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    one_error_line(result.stderr, "--inputs", "'x'", "float64", "float32", "192 values change")
+    assert (out.read_bytes() if out.exists() else None) == before
