@@ -26,6 +26,7 @@ from .wire import (
     WT_LEN,
     WireError,
     iter_fields,
+    release_pages,
 )
 
 
@@ -82,19 +83,24 @@ def scan_locations(path: str) -> set[str]:
     found: set[str] = set()
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            _scan(mm, 0, len(mm), onnx.ModelProto.DESCRIPTOR, found, 0)
+            _scan(mm, 0, len(mm), onnx.ModelProto.DESCRIPTOR, found, 0, [0])
     except (OSError, ValueError, WireError, RecursionError):
         return set()
     return found
 
 
-def _scan(mm: mmap.mmap, start: int, end: int, descriptor: Any, found: set[str], depth: int) -> None:
+def _scan(
+    mm: mmap.mmap, start: int, end: int, descriptor: Any, found: set[str], depth: int, released: list[int]
+) -> None:
+    """Collect locations below ``descriptor``'s message at ``start:end``; ``released[0]``: how far
+    the pages the scan passed are unmapped (see :func:`~bnfold.onnx.io.wire.release_pages`)."""
     if descriptor.full_name == onnx.TensorProto.DESCRIPTOR.full_name:
         for number, _, _, e_start, e_end in iter_fields(mm, start, end):
             if number == F_TENSOR_EXTERNAL_DATA:
                 entry = {key: mm[v0:v1] for key, _, _, v0, v1 in iter_fields(mm, e_start, e_end)}
                 if entry.get(F_ENTRY_KEY) == b"location" and F_ENTRY_VALUE in entry:
                     found.add(entry[F_ENTRY_VALUE].decode("utf-8", "replace"))
+        released[0] = release_pages(mm, released[0], end)
         return
     paths = _tensor_paths(descriptor)
     if depth > 100:  # protobuf itself refuses deeper nesting
@@ -102,7 +108,7 @@ def _scan(mm: mmap.mmap, start: int, end: int, descriptor: Any, found: set[str],
     for number, wire_type, _, v_start, v_end in iter_fields(mm, start, end):
         sub = paths.get(number)
         if sub is not None and wire_type == WT_LEN:
-            _scan(mm, v_start, v_end, sub, found, depth + 1)
+            _scan(mm, v_start, v_end, sub, found, depth + 1, released)
 
 
 def model_files(path: str) -> set[str]:

@@ -58,6 +58,7 @@ from .wire import (
     entry_bytes,
     iter_fields,
     read_varint,
+    release_pages,
     tag,
     varint,
 )
@@ -200,25 +201,10 @@ def _lazy_graph(mm: mmap.mmap, start: int, end: int, token: str) -> bytes:
             run_start = None
         tensor = _lazy_tensor(mm, value_start, value_end, location)
         pieces.append(tag(F_GRAPH_INITIALIZER, WT_LEN) + varint(len(tensor)) + tensor)
-        released = _release(mm, released, value_end)
+        released = release_pages(mm, released, value_end)
     if run_start is not None:
         pieces.append(mm[run_start:end])
     return b"".join(pieces)
-
-
-_RELEASE_EVERY = 16 << 20
-_PAGE = mmap.PAGESIZE
-
-
-def _release(mm: mmap.mmap, released: int, upto: int) -> int:
-    """Unmap the pages the scan has passed (they stay in the page cache): the scan's memory then
-    stays a few MB, not the share of the file that page faults and read-ahead mapped in."""
-    end = upto - upto % _PAGE
-    if end - released < _RELEASE_EVERY or not hasattr(mmap, "MADV_DONTNEED"):
-        return released
-    begin = released - released % _PAGE
-    mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
-    return end
 
 
 def _lazy_tensor(mm: mmap.mmap, start: int, end: int, location: bytes) -> bytes:

@@ -188,3 +188,18 @@ def copy_field(out: Any, fd: Any, value: Any) -> None:
             setattr(out, fd.name, value)
     except (UnicodeDecodeError, TypeError, ValueError):  # proto2 strings are not checked on parse
         raise InputError(f"{type(out).__name__}.{fd.name}: a string in it is not valid UTF-8") from None
+
+
+_RELEASE_EVERY = 16 << 20
+_PAGE = mmap.PAGESIZE
+
+
+def release_pages(mm: mmap.mmap, released: int, upto: int) -> int:
+    """Unmap the pages the scan has passed (they stay in the page cache): the scan's memory then
+    stays a few MB, not the share of the file that page faults and read-ahead mapped in."""
+    end = upto - upto % _PAGE
+    if end - released < _RELEASE_EVERY or not hasattr(mmap, "MADV_DONTNEED"):
+        return released
+    begin = released - released % _PAGE
+    mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+    return end
