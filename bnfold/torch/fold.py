@@ -50,7 +50,8 @@ from ..errors import InputError
 from ..report import Folded, FoldReport, Skipped, SkipReason
 from .messages import first_line, user_code
 from .modules import BnIndex, ExampleInputs, as_args, bn_kind, copy_module, trace
-from .site import Site, check_call, report_entry
+from .params import set_tensor
+from .site import GraphFacts, Site, check_call, report_entry
 
 __all__ = ["fold_module"]
 
@@ -114,6 +115,8 @@ class _Folder:
         self.entries: list[Folded | Skipped] = []
         self.reported: set[int] = set()
         self.path_count = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
+        self.tensor_names = Counter(id(t) for _, t in root.named_parameters(remove_duplicate=False))
+        self.tensor_names.update(id(t) for _, t in root.named_buffers(remove_duplicate=False))
         self.done: dict[int, nn.Module] = {}
         # Filled by _capture() when the root is untraceable and example inputs exist.
         self.captured = False
@@ -212,7 +215,7 @@ class _Folder:
         def swappable(site: Site) -> str:
             """'' when replacing the producer and the BN in place is exact, else why not."""
             p, b = str(site.prod_node.target), str(site.bn_node.target)
-            for path, what in ((p, "producer"), (b, "BatchNorm")):
+            for path, what in ((p, "producer"), (b, "BatchNorm"))[1 if site.params else 0 :]:
                 m = mods[path]
                 if calls[path] != 1:
                     return f"the {what} {prefix}{path} is called {calls[path]} times"
@@ -229,15 +232,22 @@ class _Folder:
             if n.op == "call_module" and bn_kind(mods[str(n.target)]):
                 by_bn.setdefault(str(n.target), []).append(n)
 
+        facts = GraphFacts(
+            prefix=prefix,
+            root=gm,
+            mods=mods,
+            shapes=shapes,
+            reads=Counter(str(n.target) for n in nodes if n.op == "get_attr"),
+            tensor_names=self.tensor_names,
+            whole_model=is_root,
+        )
         plans: list[tuple[str, list[Site | Skipped]]] = []
         for target, bn_nodes in by_bn.items():
             bn = mods[target]
             if id(bn) in self.reported:
                 continue
             self.reported.add(id(bn))
-            plans.append(
-                (target, [check_call(n, bn, prefix=prefix, mods=mods, shapes=shapes) for n in bn_nodes])
-            )
+            plans.append((target, [check_call(n, bn, facts) for n in bn_nodes]))
 
         sites = [o for _, outcomes in plans for o in outcomes if isinstance(o, Site)]
         blockers = {id(s): swappable(s) for s in sites}
@@ -299,7 +309,7 @@ def _swap_only(outcome: Site | Skipped, blockers: dict[int, str], prefix: str) -
         detail=f"folding needs a rewritten forward ({blockers[id(outcome)]}), but the module "
         f"that calls {prefix.rstrip('.')} cannot be traced",
         producer=prefix + str(outcome.prod_node.target),
-        producer_op=type(outcome.producer).__name__,
+        producer_op=outcome.op_name,
     )
 
 
@@ -316,9 +326,14 @@ def _attr_roots(nodes: list[fx.Node]) -> set[str]:
 def _apply_swaps(module: nn.Module, sites: list[Site]) -> dict[int, str]:
     names = {}
     for s in sites:
-        _set_submodule(module, str(s.prod_node.target), s.fused)
+        if s.params:
+            for target, tensor in s.params:
+                set_tensor(module, target, tensor)
+            names[id(s)] = s.params[0][0]
+        else:
+            _set_submodule(module, str(s.prod_node.target), s.fused)
+            names[id(s)] = str(s.prod_node.target)
         _set_submodule(module, str(s.bn_node.target), s.replacement)
-        names[id(s)] = str(s.prod_node.target)
     return names
 
 
@@ -337,7 +352,12 @@ def _apply_rewrite(gm: fx.GraphModule, sites: list[Site], calls: Counter, read: 
 
     names = {}
     for s in sites:
-        names[id(s)] = place(s.prod_node, s.fused)
+        if s.params:
+            for target, tensor in s.params:
+                set_tensor(gm, target, tensor)
+            names[id(s)] = s.params[0][0]
+        else:
+            names[id(s)] = place(s.prod_node, s.fused)
         if isinstance(s.replacement, nn.Identity):
             s.bn_node.replace_all_uses_with(s.bn_input)
             gm.graph.erase_node(s.bn_node)

@@ -17,9 +17,11 @@ mismatch, which is detected when ``example_inputs`` are given and otherwise assu
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import fx, nn
 
 from ..report import Folded, Skipped, SkipReason
@@ -27,10 +29,29 @@ from .bn_forward import split_forward
 from .forward import check_forward
 from .fuse import affine, fuse
 from .modules import BN_RANKS, PRODUCERS, bn_kind, bn_tensors, producer_base, weight_problem
+from .params import ParamLayer, fold_params, param_layer
 from .paths import channel_kept, look_through_op, metadata_only
 
 Shapes = dict[str, list[tuple[int, ...]]]
 """Node name -> the shape of its tensor at each execution on the example inputs (empty: unknown)."""
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    """What the checks of one traced graph need to know about it and the model around it."""
+
+    prefix: str
+    """The traced module's qualified name plus ``.`` ("" for the model)."""
+    root: nn.Module
+    """The traced GraphModule."""
+    mods: dict[str, nn.Module]
+    shapes: Shapes
+    reads: Counter
+    """get_attr target -> how many get_attr nodes read it."""
+    tensor_names: Counter
+    """id(tensor) -> under how many names the whole model registers it."""
+    whole_model: bool
+    """The graph is the whole model's forward (not a child of an untraceable module)."""
 
 
 @dataclass(frozen=True)
@@ -43,22 +64,29 @@ class Site:
     bn_node: fx.Node
     bn_input: fx.Node
     prod_node: fx.Node
-    producer: nn.Module
-    fused: nn.Module
+    producer: nn.Module | None
+    fused: nn.Module | None
     replacement: nn.Module
     through: tuple[str, ...] = ()
     direction: str = "backward"
+    params: tuple[tuple[str, torch.Tensor], ...] = ()
+    """For a layer written in the forward (:mod:`bnfold.torch.params`): get_attr target -> new tensor."""
+    op: str = ""
+    """The absorbing layer's kind for the report (default: the module's class name)."""
+
+    @property
+    def op_name(self) -> str:
+        return self.op or type(self.producer).__name__
 
 
-def check_call(
-    node: fx.Node, bn: nn.Module, *, prefix: str, mods: dict[str, nn.Module], shapes: Shapes
-) -> Site | Skipped:
+def check_call(node: fx.Node, bn: nn.Module, facts: GraphFacts) -> Site | Skipped:
     """Fold one BN call, or say why not. Handles: BatchNorm{1,2,3}d and SyncBatchNorm with
     running statistics (affine or not), FrozenBatchNorm buffers, BatchNorm subclasses whose
     own forward is BN then anything (:mod:`bnfold.torch.bn_forward`); producers Conv{1,2,3}d,
     ConvTranspose{1,2,3}d (any groups), Linear, also through a reshape that keeps the channel
     axis; when nothing before the BN absorbs it, the Linear after it (:mod:`bnfold.torch.forward`);
     float16/bfloat16/float32/float64 weights."""
+    prefix, mods, shapes = facts.prefix, facts.mods, facts.shapes
     name = prefix + str(node.target)
 
     def skip(reason: SkipReason, detail: str, producer: str = "", op: str = "") -> Skipped:
@@ -76,7 +104,7 @@ def check_call(
     if len(node.args) + len(node.kwargs) != 1:
         return skip(SkipReason.UNSUPPORTED_ATTRIBUTE, "the BatchNorm is called with extra arguments")
     src = node.args[0] if node.args else next(iter(node.kwargs.values()))
-    result = _backward(node, bn, src, eps, replacement, skip, prefix=prefix, mods=mods, shapes=shapes)
+    result = _backward(node, bn, src, eps, replacement, skip, facts)
     if (
         isinstance(result, Site)
         or result.reason not in _TRY_FORWARD
@@ -122,12 +150,10 @@ def _backward(
     eps: float,
     replacement: nn.Module,
     skip: Callable[..., Skipped],
-    *,
-    prefix: str,
-    mods: dict[str, nn.Module],
-    shapes: Shapes,
+    facts: GraphFacts,
 ) -> Site | Skipped:
     """The BN folded into the layer that produces its input ``src``, possibly through a reshape."""
+    prefix, mods, shapes = facts.prefix, facts.mods, facts.shapes
     if not isinstance(src, fx.Node) or src.op == "placeholder":
         return skip(SkipReason.NO_PRODUCER, "its input is a model input: nothing to absorb it")
     if src.op == "get_attr":
@@ -137,6 +163,9 @@ def _backward(
     if look is not None and _producer_call(src.args[0], mods) is not None:
         bn_input, src, through = src, src.args[0], (look,)
     prod = _producer_call(src, mods)
+    layer = param_layer(src) if prod is None else None
+    if layer is not None:
+        return _into_params(node, bn, layer, eps, replacement, skip, facts)
     if prod is None:
         mod = mods.get(str(src.target)) if src.op == "call_module" else None
         return skip(SkipReason.UNSUPPORTED_PRODUCER, f"its input comes from {_describe(src, mod, prefix)}")
@@ -166,6 +195,41 @@ def _backward(
         fused=fused,
         replacement=replacement,
         through=through,
+    )
+
+
+def _into_params(
+    node: fx.Node,
+    bn: nn.Module,
+    layer: ParamLayer,
+    eps: float,
+    replacement: nn.Module,
+    skip: Callable[..., Skipped],
+    facts: GraphFacts,
+) -> Site | Skipped:
+    """The BN folded into the tensors of a layer written out in the forward."""
+    done = fold_params(
+        layer,
+        affine(bn_tensors(bn), eps),
+        root=facts.root,
+        reads=facts.reads,
+        names=facts.tensor_names,
+        ranks=ranks_of(facts.shapes, layer.out.name),
+        whole_model=facts.whole_model,
+    )
+    pname = facts.prefix + str(layer.weight.target)
+    if isinstance(done[0], SkipReason):
+        return skip(done[0], done[1], pname, layer.op)
+    params, _ = done
+    return Site(
+        bn_node=node,
+        bn_input=layer.out,
+        prod_node=layer.out,
+        producer=None,
+        fused=None,
+        replacement=replacement,
+        params=params,
+        op=layer.op,
     )
 
 
@@ -288,7 +352,7 @@ def report_entry(bn: str, outcomes: list[Site | Skipped], names: dict[int, str])
     skips = [o for o in outcomes if isinstance(o, Skipped)]
     if not skips:
         producers = list(dict.fromkeys(names[id(s)] for s in sites))
-        ops = list(dict.fromkeys(type(s.producer).__name__ for s in sites))
+        ops = list(dict.fromkeys(s.op_name for s in sites))
         through = tuple(dict.fromkeys(op for s in sites for op in s.through))
         direction = ", ".join(dict.fromkeys(s.direction for s in sites))
         return Folded(

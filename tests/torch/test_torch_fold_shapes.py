@@ -420,3 +420,81 @@ def test_bn_before_a_linear_is_left_when_the_axis_is_not_proven(make, shape, wor
     assert s.bn == "bn" and s.reason is SkipReason.NO_PRODUCER, s
     assert "folding it forward into fc" in s.detail and words in s.detail, s.detail
     assert_unchanged(model, folded, x)
+
+
+# --------------------------------------------------------------------------- a forward's own x @ W + b
+
+
+class OwnMatmul(nn.Module):
+    """A layer written out in the forward: ``x @ W + b`` with W (K, N), b (N,), then BatchNorm1d."""
+
+    def __init__(self, k: int = 5, n: int = 6, share: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(k, n))
+        self.b = nn.Parameter(torch.randn(n)) if bias else None
+        self.bn = nn.BatchNorm1d(n)
+        self.share = share
+
+    def forward(self, x):
+        y = x @ self.w + self.b if self.b is not None else x @ self.w
+        return (self.bn(y), x @ self.w) if self.share else self.bn(y)
+
+
+class OwnLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(6))
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return self.bn(nn.functional.linear(x, self.weight, self.bias))
+
+
+@pytest.mark.parametrize(
+    ("make", "weight", "op"),
+    [(OwnMatmul, "w", "matmul"), (OwnLinear, "weight", "linear")],
+    ids=["matmul-add", "f-linear"],
+)
+def test_bn_after_a_forwards_own_layer_folds_into_its_tensors(make, weight, op):
+    """``x @ W + b`` (W, b parameters of the module) then BN: W and b absorb it in place."""
+    model = randomize(make()).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    folded, report = fold_module(model, example_inputs=(x,))
+    f = only_folded(report)
+    assert (f.bn, f.producer, f.producer_op) == ("bn", weight, op)
+    assert bn_modules(folded) == [] and isinstance(folded.bn, nn.Identity)
+    assert isinstance(getattr(folded, weight), nn.Parameter)
+    assert not torch.equal(getattr(folded, weight), getattr(model, weight)), (
+        "the caller's module is untouched"
+    )
+    assert_same_outputs(model, folded, x, rtol=RTOL[torch.float64])
+
+
+OWN_SKIPS = [
+    ("no-example-inputs", lambda: OwnMatmul(), None, SkipReason.CHANNEL_AXIS_MISMATCH, "unknown rank"),
+    ("rank-3", lambda: OwnMatmul(6, 6), (2, 6, 6), SkipReason.CHANNEL_AXIS_MISMATCH, "rank 3"),
+    (
+        "weight-read-twice",
+        lambda: OwnMatmul(share=True),
+        (4, 5),
+        SkipReason.NON_CONSTANT_WEIGHT,
+        "w is also read elsewhere",
+    ),
+    ("no-bias", lambda: OwnMatmul(bias=False), (4, 5), SkipReason.UNSUPPORTED_PRODUCER, "matmul"),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "reason", "words"), [c[1:] for c in OWN_SKIPS], ids=[c[0] for c in OWN_SKIPS]
+)
+def test_bn_after_a_forwards_own_layer_is_left_when_not_provably_exact(make, shape, reason, words):
+    model = randomize(make())
+    x = torch.randn(*(shape or (4, 5)))
+    folded, report = fold_module(model, example_inputs=(x,) if shape else None)
+    s = only_skipped(report)
+    assert s.bn == "bn" and s.reason is reason and words in s.detail, s
+    assert torch.equal(folded.w, model.w) and bn_modules(folded) == ["bn"]
+    with torch.no_grad():
+        ref, out = model(x), folded(x)
+    for r, o in zip(ref if isinstance(ref, tuple) else (ref,), out if isinstance(out, tuple) else (out,)):
+        assert torch.equal(r, o)
