@@ -323,13 +323,18 @@ def _attr_roots(nodes: list[fx.Node]) -> set[str]:
     return roots
 
 
+def _set_params(root: nn.Module, site: Site) -> str:
+    """Write a written-out layer's folded tensors; its name for the report is its weight's."""
+    for target, tensor in site.params:
+        set_tensor(root, target, tensor)
+    return site.params[0][0]
+
+
 def _apply_swaps(module: nn.Module, sites: list[Site]) -> dict[int, str]:
     names = {}
     for s in sites:
         if s.params:
-            for target, tensor in s.params:
-                set_tensor(module, target, tensor)
-            names[id(s)] = s.params[0][0]
+            names[id(s)] = _set_params(module, s)
         else:
             _set_submodule(module, str(s.prod_node.target), s.fused)
             names[id(s)] = str(s.prod_node.target)
@@ -353,9 +358,7 @@ def _apply_rewrite(gm: fx.GraphModule, sites: list[Site], calls: Counter, read: 
     names = {}
     for s in sites:
         if s.params:
-            for target, tensor in s.params:
-                set_tensor(gm, target, tensor)
-            names[id(s)] = s.params[0][0]
+            names[id(s)] = _set_params(gm, s)
         else:
             names[id(s)] = place(s.prod_node, s.fused)
         if isinstance(s.replacement, nn.Identity):

@@ -19,20 +19,15 @@ from torch_models import (  # noqa: F401 (seeded_torch: autouse fixture)
     RTOL,
     BatchNormAct2d,
     Pair,
+    assert_refused,
     assert_same_outputs,
+    assert_unchanged,
     bn_modules,
     only_folded,
     only_skipped,
     randomize,
     seeded_torch,
 )
-
-
-def assert_unchanged(model: nn.Module, folded: nn.Module, x: torch.Tensor) -> None:
-    assert bn_modules(folded) == bn_modules(model)
-    with torch.no_grad():
-        assert torch.equal(model(x), folded(x))
-
 
 # --------------------------------------------------------------------------- BatchNormAct2d
 
@@ -153,12 +148,7 @@ CUSTOM_SKIPS = [
     ("make", "reason", "words"), [c[1:] for c in CUSTOM_SKIPS], ids=[c[0] for c in CUSTOM_SKIPS]
 )
 def test_custom_batchnorm_that_cannot_fold_has_a_reason(make, reason, words):
-    model = randomize(make())
-    x = torch.randn(2, 3, 7, 7)
-    folded, report = fold_module(model)
-    s = only_skipped(report)
-    assert s.bn == "bn" and s.reason is reason and words in s.detail, s
-    assert_unchanged(model, folded, x)
+    assert_refused(randomize(make()), torch.randn(2, 3, 7, 7), reason, words)
 
 
 # --------------------------------------------------------------------------- no silent skip
@@ -335,15 +325,7 @@ THROUGH_SKIPS = [
 )
 def test_bn_after_a_reshape_that_is_not_proven_is_left(make, shape, reason, words):
     model = randomize(make() if make is not LinearNorm else LinearNorm(6, 6))
-    x = torch.randn(*(shape or (2, 3, 6)))
-    folded, report = fold_module(model, example_inputs=(x,) if shape else None)
-    s = only_skipped(report)
-    assert s.bn == "bn" and s.reason is reason and words in s.detail, s
-    assert bn_modules(folded) == bn_modules(model)
-    with torch.no_grad():
-        ref, out = model(x), folded(x)
-    for r, o in zip(ref if isinstance(ref, tuple) else (ref,), out if isinstance(out, tuple) else (out,)):
-        assert torch.equal(r, o)
+    assert_refused(model, torch.randn(*(shape or (2, 3, 6))), reason, words, example=shape is not None)
 
 
 # --------------------------------------------------------------------------- forward into a Linear
@@ -413,13 +395,9 @@ FORWARD_SKIPS = [
     ("make", "shape", "words"), [c[1:] for c in FORWARD_SKIPS], ids=[c[0] for c in FORWARD_SKIPS]
 )
 def test_bn_before_a_linear_is_left_when_the_axis_is_not_proven(make, shape, words):
-    model = randomize(make())
     x = torch.randn(*(shape or (4, 6)))
-    folded, report = fold_module(model, example_inputs=(x,) if shape else None)
-    s = only_skipped(report)
-    assert s.bn == "bn" and s.reason is SkipReason.NO_PRODUCER, s
-    assert "folding it forward into fc" in s.detail and words in s.detail, s.detail
-    assert_unchanged(model, folded, x)
+    s = assert_refused(randomize(make()), x, SkipReason.NO_PRODUCER, words, example=shape is not None)
+    assert "folding it forward into fc" in s.detail, s.detail
 
 
 # --------------------------------------------------------------------------- a forward's own x @ W + b
@@ -488,13 +466,5 @@ OWN_SKIPS = [
     ("make", "shape", "reason", "words"), [c[1:] for c in OWN_SKIPS], ids=[c[0] for c in OWN_SKIPS]
 )
 def test_bn_after_a_forwards_own_layer_is_left_when_not_provably_exact(make, shape, reason, words):
-    model = randomize(make())
     x = torch.randn(*(shape or (4, 5)))
-    folded, report = fold_module(model, example_inputs=(x,) if shape else None)
-    s = only_skipped(report)
-    assert s.bn == "bn" and s.reason is reason and words in s.detail, s
-    assert torch.equal(folded.w, model.w) and bn_modules(folded) == ["bn"]
-    with torch.no_grad():
-        ref, out = model(x), folded(x)
-    for r, o in zip(ref if isinstance(ref, tuple) else (ref,), out if isinstance(out, tuple) else (out,)):
-        assert torch.equal(r, o)
+    assert_refused(randomize(make()), x, reason, words, example=shape is not None)

@@ -200,3 +200,29 @@ class Pair(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x))
+
+
+def assert_unchanged(model: nn.Module, folded: nn.Module, *xs: torch.Tensor) -> None:
+    """A refused fold changed nothing: the same BN modules, state dict and bit-identical outputs."""
+    assert bn_modules(folded) == bn_modules(model)
+    state, after = model.state_dict(), folded.state_dict()
+    assert state.keys() == after.keys()
+    for k, v in state.items():
+        assert torch.equal(v, after[k]), k
+    with torch.no_grad():
+        refs, outs = as_tuple(model(*xs)), as_tuple(folded(*xs))
+    assert len(refs) == len(outs) and all(torch.equal(r, o) for r, o in zip(refs, outs))
+
+
+def assert_refused(
+    model: nn.Module, x: torch.Tensor, reason: object, words: str, *, example: bool = False
+) -> Skipped:
+    """fold_module leaves the model's one BN ``bn`` with ``reason`` and ``words`` in the detail,
+    and changes nothing; ``example`` passes ``x`` as the example inputs."""
+    from bnfold.torch import fold_module
+
+    folded, report = fold_module(model, example_inputs=(x,) if example else None)
+    s = only_skipped(report)
+    assert s.bn == "bn" and s.reason is reason and words in s.detail, s
+    assert_unchanged(model, folded, x)
+    return s
