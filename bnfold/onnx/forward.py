@@ -168,6 +168,11 @@ def _values(
     return tuple(NewValue(n, i, v, k) for n, i, v, k in writes if isinstance(v, np.ndarray))
 
 
+def _broadcast(scope: Scope, node: onnx.NodeProto) -> tuple[tuple[onnx.NodeProto, str, object], ...]:
+    """Gemm before opset 7 broadcasts C only with ``broadcast=1``."""
+    return ((node, "broadcast", 1),) if scope.index.opset < 7 else ()
+
+
 def _padded(node: onnx.NodeProto) -> bool:
     auto = attr(node, "auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else str(auto)
@@ -254,7 +259,8 @@ def _gemm(scope: Scope, gemm: onnx.NodeProto, source: Source) -> Plan | Reject:
     values = _values((gemm, 1, None if b_new is b else b_new, "weight"), (gemm, 2, c_new, "bias"))
     if isinstance(values, Reject):
         return values
-    return Plan(source=source, absorber=gemm, chain=(gemm,), values=values, attrs=((gemm, "beta", 1.0),))
+    attrs = ((gemm, "beta", 1.0), *_broadcast(scope, gemm))
+    return Plan(source=source, absorber=gemm, chain=(gemm,), values=values, attrs=attrs)
 
 
 def _matmul(scope: Scope, mm: onnx.NodeProto, source: Source) -> Plan | Reject:
@@ -275,7 +281,8 @@ def _matmul(scope: Scope, mm: onnx.NodeProto, source: Source) -> Plan | Reject:
         values = _values((mm, 1, scaled, "weight"), (mm, 2, c_new, "bias"))
         if isinstance(values, Reject):
             return values
-        return Plan(source=source, absorber=mm, chain=(mm,), values=values, op_type=(mm, "Gemm"))
+        attrs = _broadcast(scope, mm)
+        return Plan(source=source, absorber=mm, chain=(mm,), values=values, op_type=(mm, "Gemm"), attrs=attrs)
     if isinstance(c_new, np.ndarray) and not np.any(c_new):
         values = _values((mm, 1, scaled, "weight"))
         if isinstance(values, Reject):
