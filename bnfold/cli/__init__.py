@@ -3,7 +3,8 @@
 app.py        the typer app: routing ``bnfold MODEL`` to ``fold``, help, error mapping, ``main``
 options.py    the shared options and their parsing (--shape, --json [PATH])
 fold.py       the fold command (ONNX); fold_torch.py its PyTorch path; request.py its checked
-              options and outcomes; paths.py where it reads and writes; names.py --exclude/--shape names
+              options and outcomes; paths.py where it reads and writes; names.py --exclude/--shape
+              names; npz_casts.py --inputs arrays of another dtype
 check.py      the check command and the model-checking library; stats.py, junit.py
 results.py    the outcomes, exit codes and JSON documents; render.py and tables.py for people
 console.py    stdout/stderr, progress, logging, streams; reports.py the JSON report; versions.py
