@@ -75,6 +75,8 @@ def plan_into(scope: Scope, layer: onnx.NodeProto, route: Route, source: Source)
         return Reject(e.reason, e.detail, layer)
     if isinstance(result, Reject):
         return result if result.node is not None else Reject(result.reason, result.detail, layer)
+    if not route.path and result.source is source:
+        return result
     return replace(result, source=source, chain=result.chain + route.path, through=route.through)
 
 
