@@ -6,7 +6,10 @@ tensors already paired (graph inputs, shared names), a candidate node is matched
 reference node of the same op and attributes whose data inputs (inputs that are not constants:
 weights may differ by a fold) are the ones its own inputs hold. Its outputs may then hold the
 reference node's outputs or, after a fold, the output of the affine chain that follows it in the
-reference (BatchNormalization, or Add/Sub/Mul/Div by a constant): each candidate tensor gets those
+reference (BatchNormalization, or Add/Sub/Mul/Div by a constant). Where several reference nodes
+fit, the one whose weights have the candidate's shapes wins, then graph order. Identity, Dropout
+and one-input Concat in the reference are looked through (other tools remove them). Each candidate
+tensor gets those
 options, a later match narrows them (a Relu the reference applies to the BN's output says the
 Conv before it holds that output), and the first sample picks and confirms one
 (:func:`bnfold.verify.correspond.pick_aliases`). Nodes with subgraphs are not matched.
@@ -51,6 +54,31 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
+def _pass_through(graph: onnx.GraphProto):
+    """A function extending reference tensor names with every name that holds the same values
+    through Identity, Dropout or a one-input Concat (ops other tools remove), either way."""
+    near: dict[str, list[str]] = {}
+    for n in graph.node:
+        data = [i for i in n.input if i]
+        plain = n.op_type in ("Identity", "Dropout") or (n.op_type == "Concat" and len(data) == 1)
+        if plain and data and n.output and n.output[0] and n.domain in _DEFAULT_DOMAINS:
+            near.setdefault(data[0], []).append(n.output[0])
+            near.setdefault(n.output[0], []).append(data[0])
+
+    def extend(names: Sequence[str]) -> list[str]:
+        out = list(names)
+        for name in out:  # grows while iterated: follows chains of them
+            out += [x for x in near.get(name, ()) if x not in out]
+        return out
+
+    return extend
+
+
+def _const_shapes(node: onnx.NodeProto, dims: Mapping[str, tuple[int, ...]]) -> tuple:
+    """The shapes of a node's initializer inputs (a fold keeps them), None where not one."""
+    return tuple(dims.get(i) for i in node.input)
+
+
 def affine_chain(graph: onnx.GraphProto, name: str, types: Mapping[str, int], consts: set[str]) -> list[str]:
     """``name``, then each output of the per-channel affine nodes that follow it (each the only
     reader of its input; the other inputs constant), up to :data:`CHAIN_LIMIT`."""
@@ -92,9 +120,13 @@ def structural_options(
         data = [(i, n) for i, n in enumerate(node.input) if n and n not in ref_consts]
         key = (node.domain, node.op_type, _attrs_key(node), tuple(i for i, _ in data))
         index.setdefault(key, []).append((node, tuple(n for _, n in data)))
-    options: dict[str, list[str]] = {k: list(v) for k, v in known.items()}
+    ref_dims = {t.name: tuple(t.dims) for t in ref.graph.initializer}
+    cand_dims = {t.name: tuple(t.dims) for t in cand.graph.initializer}
+    used: set[int] = set()
+    same = _pass_through(ref.graph)
+    options: dict[str, list[str]] = {k: same(v) for k, v in known.items()}
     for vi in cand.graph.input:
-        options.setdefault(vi.name, [vi.name])
+        options.setdefault(vi.name, same([vi.name]))
     found: dict[str, list[str]] = {}
     for node in cand.graph.node:
         if _has_subgraph(node) or all(o in options for o in node.output if o):
@@ -106,21 +138,25 @@ def structural_options(
         matches = [
             (r, ins)
             for r, ins in index.get(key, ())
-            if all(ri in options[ci] for ri, (_, ci) in zip(ins, data))
+            if id(r) not in used and all(ri in options[ci] for ri, (_, ci) in zip(ins, data))
         ]
-        if len(matches) != 1:
+        if len(matches) > 1:  # e.g. a block's 1x1 Conv and its downsample 1x1 Conv read the same tensor
+            shape = _const_shapes(node, cand_dims)
+            matches = [m for m in matches if _const_shapes(m[0], ref_dims) == shape] or matches
+        if not matches:
             continue
-        r, ins = matches[0]
+        r, ins = matches[0]  # still several: graph order; the first sample confirms or drops it
+        used.add(id(r))
         for ri, (_, ci) in zip(ins, data):  # the match says which option each input holds
-            options[ci] = [ri]
+            options[ci] = same([ri])
             if ci in found:
-                found[ci] = [ri]
+                found[ci] = [x for x in options[ci] if x in found[ci]] or found[ci]
         for k, out in enumerate(node.output):
             if not out or out in options or k >= len(r.output) or not r.output[k]:
                 continue
             chain = affine_chain(ref.graph, r.output[k], ref_types, ref_consts)
             same_type = [t for t in chain if ref_types.get(t) == cand_types.get(out)]
-            options[out] = same_type or [r.output[k]]  # to go on matching what reads it
+            options[out] = same(same_type or [r.output[k]])  # to go on matching what reads it
             if same_type and cand_types.get(out) in FETCHABLE:
                 found[out] = same_type
     cand_outputs = {o.name for o in cand.graph.output}

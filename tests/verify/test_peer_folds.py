@@ -75,14 +75,21 @@ def fold_points(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[
     return points
 
 
+def peer_case(
+    peer: str, name: str
+) -> tuple[onnx.ModelProto, onnx.ModelProto, list[tuple[onnx.NodeProto, str]]]:
+    """(the zoo model, the peer's fold of it, the peer's fold points)."""
+    reference = onnx.load(str(registry.build_onnx(name)))
+    candidate = peer_fold(peer, reference)
+    return reference, candidate, fold_points(reference, candidate)
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("peer", sorted(PEERS))
 def test_correct_peer_folds_pass(peer, name):
-    reference = onnx.load(str(registry.build_onnx(name)))
-    candidate = peer_fold(peer, reference)
+    reference, candidate, points = peer_case(peer, name)
     report = verify(reference, candidate)
     assert report.passed, report.message
-    points = fold_points(reference, candidate)
     assert points and all(w.passed for w in report.weights)
     if peer != "onnxoptimizer":  # constant weights: statically checked where the layers match
         assert report.weights
@@ -111,9 +118,7 @@ def renamed(model: onnx.ModelProto) -> onnx.ModelProto:
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("peer", sorted(PEERS))
 def test_correct_peer_folds_with_every_name_changed_pass_matched_by_structure(peer, name):
-    reference = onnx.load(str(registry.build_onnx(name)))
-    candidate = peer_fold(peer, reference)
-    points = fold_points(reference, candidate)
+    reference, candidate, points = peer_case(peer, name)
     report = verify(reference, renamed(candidate))
     assert report.passed, report.message
     compared = {d.name for d in report.intermediates if d.matched_by == "structure"}
@@ -124,9 +129,7 @@ def test_correct_peer_folds_with_every_name_changed_pass_matched_by_structure(pe
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("peer", sorted(PEERS))
 def test_a_fault_in_one_channel_of_a_peer_fold_is_caught_and_named(peer, name, names):
-    reference = onnx.load(str(registry.build_onnx(name)))
-    candidate = peer_fold(peer, reference)
-    points = fold_points(reference, candidate)
+    reference, candidate, points = peer_case(peer, name)
     node, y = points[len(points) // 2]
     bn = next(n for n in reference.graph.node if n.output[0] == y)
     inits = {t.name: numpy_helper.to_array(t) for t in reference.graph.initializer}
