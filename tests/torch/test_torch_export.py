@@ -17,7 +17,13 @@ from bnfold.errors import InputError, VerificationError
 from bnfold.onnx.fold import count_bn
 from bnfold.report import SkipReason
 from bnfold.torch import export
-from torch_models import Net, check_saved, randomize, seeded_torch  # noqa: F401 (autouse fixture)
+from torch_models import (  # noqa: F401 (seeded_torch: autouse fixture)
+    BatchNormAct2d,
+    Net,
+    check_saved,
+    randomize,
+    seeded_torch,
+)
 
 
 class DataDependent(nn.Module):
@@ -154,6 +160,36 @@ def test_diverging_export_raises_and_writes_nothing_unless_forced(tmp_path, monk
     assert not info.value.result.extra["torch_vs_onnx"].passed
     result = export(module, x, out, force=True)
     assert out.is_file() and not result.verification.passed
+
+
+class EfficientStem(nn.Module):
+    """EfficientNet-style stem and head: Conv -> BatchNormAct2d(SiLU), a depthwise conv -> BatchNormAct2d,
+    pooled features -> BatchNorm1d -> Linear (the BN folds forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.bn1 = BatchNormAct2d(8, act_layer=nn.SiLU)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn2 = BatchNormAct2d(8, act_layer=nn.SiLU)
+        self.norm = nn.BatchNorm1d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.bn2(self.dw(self.bn1(self.conv(x))))
+        return y, self.fc(self.norm(y.mean((2, 3))))
+
+
+def test_export_folds_batchnorm_act_and_forward_folds_at_module_level(tmp_path):
+    """The module pass's new shapes export and verify: no BN reaches the ONNX pass."""
+    module = randomize(EfficientStem())
+    x = torch.randn(2, 3, 16, 16)
+    result = export(module, x, tmp_path / "stem.onnx")
+    folded = {f.bn: (f.producer, f.direction) for f in result.module_report.folded}
+    assert folded == {"bn1": ("conv", "backward"), "bn2": ("dw", "backward"), "norm": ("fc", "forward")}
+    assert not result.module_report.skipped and result.onnx_report.bn_total == 0
+    assert result.verification.passed and result.extra["torch_vs_onnx"].passed
+    assert count_bn(check_saved(result.path, module, x)) == 0
 
 
 def test_export_without_verification_still_folds(tmp_path):
