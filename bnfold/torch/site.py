@@ -111,15 +111,14 @@ def check_call(node: fx.Node, bn: nn.Module, facts: GraphFacts) -> Site | Skippe
         or not isinstance(replacement, nn.Identity)
     ):
         return result
-    ranks = ranks_of(shapes, node.name)
-    forward = check_forward(node, bn, eps, prefix=prefix, mods=mods, ranks=ranks)
+    forward = check_forward(node, bn, eps, prefix=prefix, mods=mods, shapes=shapes)
     if forward is None or not isinstance(src, fx.Node):
         return result
     if isinstance(forward, Skipped):
         return dataclasses.replace(
             result, detail=f"{result.detail}; folding it forward into {forward.producer}: {forward.detail}"
         )
-    user, linear, fused = forward
+    user, linear, fused, through = forward
     return Site(
         bn_node=node,
         bn_input=src,
@@ -127,6 +126,7 @@ def check_call(node: fx.Node, bn: nn.Module, facts: GraphFacts) -> Site | Skippe
         producer=linear,
         fused=fused,
         replacement=replacement,
+        through=through,
         direction="forward",
     )
 

@@ -374,6 +374,41 @@ def test_bn_before_a_linear_folds_forward(make, c_in, linear):
     )
 
 
+class FaceHead(nn.Module):
+    """Face-recognition head (ArcFace/InsightFace): BatchNorm2d -> Dropout -> Flatten -> Linear,
+    the BN after a ReLU so nothing before it can absorb it."""
+
+    def __init__(self, flatten: str = "module") -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn, self.drop, self.flat, self.fc = (
+            nn.BatchNorm2d(4),
+            nn.Dropout(0.4),
+            nn.Flatten(),
+            nn.Linear(4 * 25, 6),
+        )
+        self.how = flatten
+
+    def forward(self, x):
+        y = self.drop(self.bn(torch.relu(self.conv(x))))
+        y = self.flat(y) if self.how == "module" else y.reshape(y.shape[0], -1)
+        return self.fc(y)
+
+
+@pytest.mark.parametrize("how", ["module", "reshape"], ids=["nn-flatten", "reshape-batch-minus-one"])
+def test_bn2d_folds_forward_through_dropout_and_flatten(how):
+    """Flattening (N, C, H, W) puts channel c on features c*H*W ... (c+1)*H*W - 1: the Linear
+    takes each channel's scale and shift repeated H*W times."""
+    model = randomize(FaceHead(how)).double()
+    x = torch.randn(3, 3, 7, 7, dtype=torch.float64)
+    folded, report = fold_module(model, example_inputs=(x,))
+    f = only_folded(report)
+    through = ("Dropout", "Flatten") if how == "module" else ("Dropout", "reshape")
+    assert (f.bn, f.producer, f.direction, f.through) == ("bn", "fc", "forward", through)
+    assert bn_modules(folded) == [] and isinstance(folded.drop, nn.Dropout)
+    assert_same_outputs(model, folded, x, rtol=RTOL[torch.float64])
+
+
 class NormOn3D(nn.Module):
     """BatchNorm1d(6) on (N, 6, 6) normalizes axis 1; the Linear mixes the last axis."""
 
