@@ -231,21 +231,30 @@ def set_input(
 ) -> list[str]:
     """Point ``node.input[index]`` at ``value``; returns the initializer names created.
 
-    An initializer of this scope read only by this node is overwritten in place (its name is
-    kept); anything shared, overridable, outer-scope or computed gets a fresh initializer, so
-    other readers keep the original values. ``before``: the node a new Constant goes before in a
-    function body (``node`` itself unless it is not in the graph yet).
+    Under the name rule a changed value never keeps its old name: an initializer of this scope
+    read only by this node is overwritten in place under a fresh name (no copy of the list, and
+    the old name no longer exists); anything shared, overridable, outer-scope or computed gets a
+    fresh initializer beside it, so other readers keep the original values. ``before``: the node
+    a new Constant goes before in a function body (``node`` itself unless it is not in the graph
+    yet).
     """
     ns = scope.ns
     old = node.input[index] if index < len(node.input) else ""
+    base = f"{old or (node.name or node.op_type) + '_' + kind}_bnfold"
     if old and old in scope.initializers and scope.single_use(old) and not scope.overridable(old):
-        t = scope.initializers[old]
-        new_t = numpy_helper.from_array(value, old)
+        name = ns.fresh_name(base)
+        t = scope.initializers.pop(old)
+        new_t = numpy_helper.from_array(value, name)
         new_t.doc_string = t.doc_string
         t.CopyFrom(new_t)
+        scope.initializers[name] = t
         scope.const_cache.pop(old, None)
-        return []
-    base = f"{old or (node.name or node.op_type) + '_' + kind}_bnfold"
+        if scope.graph is not None:
+            _rename_declarations(scope.graph, old, name)
+        node.input[index] = name
+        ns.uses[old] -= 1
+        ns.uses[name] += 1
+        return [name]
     name = add_constant(scope, base, value, before=before if before is not None else node)
     while len(node.input) <= index:
         node.input.append("")
@@ -254,6 +263,13 @@ def set_input(
     node.input[index] = name
     ns.uses[name] += 1
     return [name]
+
+
+def _rename_declarations(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """An initializer that is also declared as a graph input (IR <= 3) or has value_info follows its rename."""
+    for v in (*graph.input, *graph.value_info):
+        if v.name == old:
+            v.name = new
 
 
 def add_constant(scope: Scope, base: str, value: np.ndarray, *, before: onnx.NodeProto) -> str:

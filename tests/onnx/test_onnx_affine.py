@@ -87,7 +87,8 @@ def test_negative_and_zero_scales_fold(rng):
         numpy_helper.from_array(np.array([-2, 0, 1.5, -0.5, 0, 3], np.float32).reshape(1, 6, 1, 1), "k0")
     )
     out = fold_checked(g, n_folded=1)
-    w = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "W"))
+    conv = next(n for n in out.graph.node if n.op_type == "Conv")
+    w = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == conv.input[1]))
     assert not w[1].any() and not w[4].any()
 
 

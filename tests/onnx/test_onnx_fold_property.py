@@ -253,3 +253,8 @@ def test_every_surviving_name_keeps_its_values(case):
         scale = max(float(np.abs(r).max()), terms, 1e-6)
         err = float(np.abs(r - o).max()) / scale
         assert err < 2e-5, f"{facts}: {name!r} changed values (relative error {err:.3g})"
+    # initializers too: a folded weight never keeps its old name (rewritten in place it once did)
+    inits_before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for t in result.model.graph.initializer:
+        if t.name in inits_before:
+            assert np.array_equal(numpy_helper.to_array(t), inits_before[t.name]), f"{facts}: {t.name!r}"
