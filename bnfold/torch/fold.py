@@ -58,6 +58,8 @@ __all__ = ["fold_module"]
 log = logging.getLogger(__name__)
 
 FOLDED_SUFFIX = "_bnfolded"
+MAX_ROUNDS = 4
+"""A Linear between two BNs (BN -> Linear -> BN) absorbs one per round; the next round the other."""
 
 
 def fold_module(
@@ -96,13 +98,19 @@ def fold_module(
         detail = "the module is itself a BatchNorm: its input is the model input, nothing absorbs it"
         return model, FoldReport(skipped=(Skipped(bn="", reason=SkipReason.NO_PRODUCER, detail=detail),))
     bns = [(name, m) for name, m in model.named_modules() if bn_kind(m)]
-    folder = _Folder(model, args, index)
-    with user_code("fold_module: the module's code", any_error=False):
-        result = folder.run().eval()
-    folder.report_uncalled(bns)
-    folded = tuple(e for e in folder.entries if isinstance(e, Folded))
+    folded: list[Folded] = []
+    for _ in range(MAX_ROUNDS):
+        folder = _Folder(model, args, index)
+        with user_code("fold_module: the module's code", any_error=False):
+            model = folder.run().eval()
+        folder.report_uncalled(bns)
+        folded += [e for e in folder.entries if isinstance(e, Folded)]
+        if not folder.deferred:
+            break
+        index = BnIndex(model)  # a layer took one of two maps: the next round folds the other
+        bns = [(name, m) for name, m in model.named_modules() if bn_kind(m)]
     skipped = tuple(e for e in folder.entries if isinstance(e, Skipped))
-    return result, FoldReport(folded=folded, skipped=skipped)
+    return model, FoldReport(folded=tuple(folded), skipped=skipped)
 
 
 class _Folder:
@@ -118,6 +126,7 @@ class _Folder:
         self.tensor_names = Counter(id(t) for _, t in root.named_parameters(remove_duplicate=False))
         self.tensor_names.update(id(t) for _, t in root.named_buffers(remove_duplicate=False))
         self.done: dict[int, nn.Module] = {}
+        self.deferred = False
         # Filled by _capture() when the root is untraceable and example inputs exist.
         self.captured = False
         self.call_count: Counter[int] = Counter()
@@ -249,6 +258,7 @@ class _Folder:
             self.reported.add(id(bn))
             plans.append((target, [check_call(n, bn, facts) for n in bn_nodes]))
 
+        plans = self._one_map_per_layer(plans, prefix)
         sites = [o for _, outcomes in plans for o in outcomes if isinstance(o, Site)]
         blockers = {id(s): swappable(s) for s in sites}
         rewrite = is_root and any(blockers.values())
@@ -263,6 +273,35 @@ class _Folder:
         if not sites:
             return module
         return gm.eval() if rewrite else module
+
+    def _one_map_per_layer(
+        self, plans: list[tuple[str, list[Site | Skipped]]], prefix: str
+    ) -> list[tuple[str, list[Site | Skipped]]]:
+        """A layer call absorbs one BN per round, the one before it first (BN -> Linear -> BN):
+        each site's folded layer is computed from the original, so a second would undo the first.
+        The other is deferred to the next round."""
+        sites = [o for _, outcomes in plans for o in outcomes if isinstance(o, Site)]
+        taken: dict[fx.Node, Site] = {}
+        for site in sorted(sites, key=lambda x: x.direction != "backward"):
+            taken.setdefault(site.prod_node, site)
+        deferred = {id(s): taken[s.prod_node] for s in sites if taken[s.prod_node] is not s}
+        if not deferred:
+            return plans
+        self.deferred = True
+
+        def defer(o: Site | Skipped) -> Site | Skipped:
+            if not isinstance(o, Site) or id(o) not in deferred:
+                return o
+            other = prefix + str(deferred[id(o)].bn_node.target)
+            return Skipped(
+                bn=prefix + str(o.bn_node.target),
+                reason=SkipReason.UNSUPPORTED_PRODUCER,
+                detail=f"{prefix}{o.prod_node.target} absorbs {other} first; one more round folds this one",
+                producer=prefix + str(o.prod_node.target),
+                producer_op=o.op_name,
+            )
+
+        return [(t, [defer(o) for o in outcomes]) for t, outcomes in plans]
 
     # ---- shapes from the example inputs
 

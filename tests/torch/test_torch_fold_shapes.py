@@ -409,6 +409,38 @@ def test_bn2d_folds_forward_through_dropout_and_flatten(how):
     assert_same_outputs(model, folded, x, rtol=RTOL[torch.float64])
 
 
+class NormLinearNorm(nn.Module):
+    """ReLU -> BatchNorm1d -> Linear -> BatchNorm1d: the Linear can absorb both BNs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0, self.bn1, self.fc, self.bn2 = (
+            nn.Linear(5, 6),
+            nn.BatchNorm1d(6),
+            nn.Linear(6, 4),
+            nn.BatchNorm1d(4),
+        )
+
+    def forward(self, x):
+        return self.bn2(self.fc(self.bn1(torch.relu(self.fc0(x)))))
+
+
+def test_linear_between_two_bns_absorbs_both_without_losing_one():
+    """Both BNs' folds were computed from the original Linear: applying the second replaced the
+    first, so bn1 was dropped with its map nowhere (outputs off). One map per layer per round;
+    the next round folds the other into the already folded Linear."""
+    model = randomize(NormLinearNorm()).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    folded, report = fold_module(model, example_inputs=(x,))
+    assert not report.skipped, report.skipped
+    assert {(f.bn, f.producer, f.direction) for f in report.folded} == {
+        ("bn2", "fc", "backward"),
+        ("bn1", "fc", "forward"),
+    }
+    assert bn_modules(folded) == []
+    assert_same_outputs(model, folded, x, rtol=RTOL[torch.float64])
+
+
 class NormOn3D(nn.Module):
     """BatchNorm1d(6) on (N, 6, 6) normalizes axis 1; the Linear mixes the last axis."""
 
