@@ -7,7 +7,18 @@ In inference mode a BatchNorm is a per-channel affine map on axis 1 of its input
 
 When ``x`` is the output of a layer that is linear in its weight along the output-channel
 axis, the map folds into the layer (the arithmetic and its dtype rules: :mod:`bnfold.torch.fuse`;
-which calls fold: :mod:`bnfold.torch.site`).
+which calls fold: :mod:`bnfold.torch.site`). Beyond Conv/ConvTranspose/Linear -> BatchNorm:
+
+- BatchNorm subclasses with their own forward that is BN then anything (timm's
+  ``BatchNormAct2d``): the BN part folds, the rest of the forward stays (:mod:`~bnfold.torch.bn_forward`);
+- a reshape between the layer and the BN that keeps the channel axis (LeViT's
+  ``bn(linear(x).flatten(0, 1))``), proven from the example shapes (:mod:`~bnfold.torch.paths`);
+- a forward's own ``x @ W + b`` or ``F.linear(x, W, b)``: W and b absorb it (:mod:`~bnfold.torch.params`);
+- when nothing before the BN can absorb it, the Linear after it, also through Dropout and a
+  flatten (:mod:`~bnfold.torch.forward`).
+
+Every BatchNorm module gets one report entry: folded, or skipped with a reason (one that no
+traced graph calls as a module too).
 
 Pairs come from dataflow, never from the order in which modules were registered:
 
@@ -75,8 +86,9 @@ def fold_module(
 
     Returns ``(folded, report)``: ``folded`` is in eval mode (the fold is of inference
     behaviour) and is ``module``'s class, or a ``torch.fx.GraphModule`` when a fold needed a
-    rewritten forward. ``report`` has one entry per BatchNorm module called in the forward
-    (all BatchNorm modules where that cannot be traced): folded, or skipped with a reason.
+    rewritten forward. ``report`` has one entry per BatchNorm module: folded (``direction``
+    backward or forward, ``through`` the reshapes passed), or skipped with a reason.
+    ``example_inputs`` also prove the shapes behind reshapes and forward folds.
 
     Raises InputError when ``module`` is not an ``nn.Module``, is a TorchScript module (use
     :func:`bnfold.torch.export`, which folds those in ONNX), or fails on ``example_inputs``.

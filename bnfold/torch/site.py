@@ -1,8 +1,10 @@
 """One BatchNorm call in a traced graph: the checks that prove it folds, or the reason it does not.
 
 A BN call folds when its input is the output of a Conv/ConvTranspose/Linear call that feeds
-nothing else, the BN uses running statistics, and the BN's channel axis (axis 1) is provably
-the layer's output-channel axis.
+nothing else (reads of its shape aside), possibly through a reshape that keeps the channel
+axis, or of a forward's own ``x @ W + b``; the BN uses running statistics; and the BN's channel
+axis (axis 1) is provably the layer's output-channel axis. When the layer before it refuses,
+the Linear after it is tried (:mod:`bnfold.torch.forward`).
 
 The channel axis. ``BatchNorm1d`` on ``Linear`` output normalizes axis 1; that is the feature
 axis only for a rank-2 ``(N, F)`` input. On ``(N, L, F)`` it normalizes ``L`` and a fold would
