@@ -166,7 +166,8 @@ def fold_path(
     ``external_data``: None keeps the source's layout (a data file if it has one).
 
     The returned ``FoldResult.model`` is the lazily loaded graph (large tensors are stubs that
-    point into ``src``); the model itself is the file written.
+    point into ``dst`` after a verified fold, else into ``src`` or held in memory); the model
+    itself is the file written.
     """
     opts = verify_options(
         options, inputs=inputs, shapes=shapes, seed=seed, samples=samples, atol=atol, rtol=rtol
@@ -211,6 +212,8 @@ def fold_path(
             for leftover in os.listdir(stage.folder):
                 os.remove(os.path.join(stage.folder, leftover))
             path, rep, model = make(excl, stage.path, stage.location)
+            if rep.folded:  # the folded weights are in the staged file: keep no copy in memory
+                model = load_model(path, lazy=True)
             note("verifying")
             return path, rep, model
 
@@ -227,6 +230,8 @@ def fold_path(
             _, report, model = make(frozenset(exclude), stage.path, stage.location)
             verification = None
         stage.publish()
+    if verify and report.folded:  # it pointed into the staged file
+        model = load_model(dst, lazy=True)
     return FoldResult(
         model=model, report=report, verification=verification, seconds=time.perf_counter() - start
     )

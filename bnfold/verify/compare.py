@@ -79,7 +79,15 @@ import onnx
 
 from ..report import TensorDiff
 
-__all__ = ["CHANNEL_SCALE_FLOOR", "DEFAULT_RTOL", "TensorStats", "failure_summary", "first_divergent"]
+__all__ = [
+    "CHANNEL_SCALE_FLOOR",
+    "DEFAULT_RTOL",
+    "NOISE_FACTOR",
+    "TensorStats",
+    "failure_summary",
+    "first_divergent",
+    "noise_of",
+]
 
 DEFAULT_RTOL: dict[str, float] = {"float64": 1e-9, "float32": 1e-4, "float16": 5e-2, "bfloat16": 0.1}
 """Default ``rtol`` relative to the channel scale, by dtype (complex: by its parts); ``atol`` defaults to 0."""
@@ -117,9 +125,9 @@ class TensorStats:
     noise_rel: float = 0.0
     problem: str = ""
 
-    def add(self, ref: np.ndarray, cand: np.ndarray, calibration: np.ndarray | None = None) -> None:
-        """Compare one sample; ``calibration`` is the reference run a second way that differs only
-        in float rounding (the noise a correct fold makes here), or None."""
+    def add(self, ref: np.ndarray, cand: np.ndarray, noise: np.ndarray | float | None = None) -> None:
+        """Compare one sample; ``noise`` is :func:`noise_of` this sample's reference and its run a
+        second way that differs only in float rounding (the noise a correct fold makes here)."""
         if not self.total:
             self.shape, self.dtype = tuple(ref.shape), ref.dtype.name
             if ref.dtype.kind in "fc":  # else atol = rtol = 0: integers, bools and strings must be equal
@@ -152,10 +160,10 @@ class TensorStats:
         scale = scale_of(np.where(np.isfinite(r), np.abs(r), 0.0), per_channel, tiny)
         rel = diff / scale
         allowed = self.atol + self.rtol * scale
-        if calibration is not None and calibration.shape == ref.shape:
-            noise = NOISE_FACTOR * _noise(r, calibration.astype(wide), per_channel)
-            allowed = allowed + noise
-            self.noise_rel = max(self.noise_rel, float(np.max(noise / scale)))
+        if noise is not None and np.ndim(noise) in (0, ref.ndim):
+            allowance = NOISE_FACTOR * np.asarray(noise)
+            allowed = allowed + allowance
+            self.noise_rel = max(self.noise_rel, float(np.max(allowance / scale)))
         self.mismatched += int(np.count_nonzero((diff > allowed) | special_bad))
         if finite.any():
             self.max_abs = max(self.max_abs, float(diff.max()))
@@ -196,8 +204,16 @@ def scale_of(magnitude: np.ndarray, per_channel: bool, tiny: float) -> np.ndarra
     return channel.reshape((1, -1) + (1,) * (magnitude.ndim - 2))
 
 
+def noise_of(ref: np.ndarray, calibration: np.ndarray, kind: str) -> np.ndarray | float | None:
+    """Largest finite ``|ref - calibration|``, per tensor (``output``) or per axis-1 channel
+    (``intermediate`` of rank >= 2), broadcastable against ``ref``; None for non-float tensors."""
+    if ref.dtype.kind not in "fc" or calibration.shape != ref.shape:
+        return None
+    wide = np.result_type(ref.dtype, np.float64)
+    return _noise(ref.astype(wide), calibration.astype(wide), kind == "intermediate" and ref.ndim >= 2)
+
+
 def _noise(ref: np.ndarray, calibration: np.ndarray, per_channel: bool) -> np.ndarray | float:
-    """Largest finite ``|ref - calibration|``, per tensor or per axis-1 channel (broadcastable)."""
     with np.errstate(invalid="ignore"):
         both = np.isfinite(ref) & np.isfinite(calibration)
         diff = np.where(both, np.abs(ref - calibration), 0.0)

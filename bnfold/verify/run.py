@@ -48,7 +48,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from ..report import InputSpec, VerifyReport, VerifyStatus
-from .compare import TensorStats, failure_summary, first_divergent, in_graph_order
+from .compare import TensorStats, failure_summary, first_divergent, in_graph_order, noise_of
 from .correspond import Pair, alias_candidates, output_pairs, pick_aliases, shared_by_name
 from .inputs import (
     InputDecl,
@@ -60,7 +60,17 @@ from .inputs import (
     user_samples,
 )
 from .interface import interface_problems, overrides
-from .models import PROVIDER, ModelLike, NotRun, OrtModel, first_line, open_model, run, session
+from .models import (
+    PROVIDER,
+    ModelLike,
+    NotRun,
+    OrtModel,
+    first_line,
+    open_model,
+    release_memory,
+    run,
+    session,
+)
 from .options import InputsLike, Shapes, VerifyOptions, verify_options
 from .structure import structural_options
 from .weights import WeightCheck, check_weights
@@ -329,58 +339,52 @@ def _execute(
     more with the overridable initializers perturbed (the outputs must still agree: a sentence
     saying how they do not, or "").
 
-    The reference also runs at ``CALIBRATION_LEVEL``, with the same tensors fetched: onnxruntime
-    then folds Conv+BN itself, so the difference between its two runs is the noise a correct fold
-    makes at each tensor, and calibrates each tolerance
-    (:mod:`bnfold.verify.compare`). The candidate runs once at ``ORT_ENABLE_ALL`` too, to report
-    whether it loads there (``candidate_runs_optimized``).
+    Three phases, so that at most two models' weights are resident at once: the candidate once
+    at ``ORT_ENABLE_ALL`` (does it load there: ``candidate_runs_optimized``); the reference at
+    ``ORT_DISABLE_ALL`` and at ``CALIBRATION_LEVEL``, where onnxruntime folds Conv+BN itself,
+    whose difference is the noise a correct fold makes at each tensor (kept per channel,
+    :mod:`bnfold.verify.compare`); then the reference and the candidate, compared.
     """
     level = ort.GraphOptimizationLevel
     ref_extra, cand_extra = plan.fetch()
     ref_names = [o.name for o in ref.graph.output] + [v.name for v in ref_extra]
     cand_names = [o.name for o in cand.graph.output] + [v.name for v in cand_extra]
-    stats: list[TensorStats] = []
+    outputs = {o.name for o in ref.graph.output}
     ref.prepare(tmp)
     cand.prepare(tmp)
-    try:  # first: its memory is free again (for the sessions below) once it has run
+    try:
         run(session(cand, (), level.ORT_ENABLE_ALL), cand, cand_feeds[0])
         fields["candidate_runs_optimized"] = True
     except NotRun as e:
         fields["candidate_runs_optimized"] = False
         notes.append(f"at ORT_ENABLE_ALL: {e}")
+    release_memory()
     ref_sess = session(ref, ref_extra, level.ORT_DISABLE_ALL)
+    override = [{**feeds[0], **plan.overrides}] if plan.overrides else []
+    noise = _calibrate(ref, ref_sess, ref_extra, [*feeds, *override], ref_names, outputs, notes)
+    release_memory()
+    fields["calibrated"] = noise is not None
+    noises = noise or [{}] * (len(feeds) + len(override))
     cand_sess = session(cand, cand_extra, level.ORT_DISABLE_ALL)
-    try:
-        calib_sess = session(ref, ref_extra, CALIBRATION_LEVEL)
-    except NotRun as e:
-        calib_sess = None
-        notes.append(f"tolerances not calibrated: {e}")
+    stats: list[TensorStats] = []
     for i, (feed, cand_feed) in enumerate(zip(feeds, cand_feeds)):
         r = dict(zip(ref_names, run(ref_sess, ref, feed)))
         c = dict(zip(cand_names, run(cand_sess, cand, cand_feed)))
-        calibration = _calibration(calib_sess, ref, feed, ref_names)
-        if calibration is None and calib_sess is not None:
-            calib_sess = None
-            notes.append(f"tolerances not calibrated: the reference did not run at {CALIBRATION_LEVEL.name}")
         if i == 0:
-            pairs = plan.pick(r, c)
             stats = [
                 TensorStats(p.ref, p.kind, *tolerances, cand_name=p.cand, matched_by=p.matched_by)
-                for p in pairs
+                for p in plan.pick(r, c)
             ]
         for s in stats:
-            s.add(r[s.name], c[s.cand_name], calibration[s.name] if calibration else None)
-    fields["calibrated"] = calib_sess is not None
+            s.add(r[s.name], c[s.cand_name], noises[i].get(s.name))
     ignored = ""
-    if plan.overrides:
+    if override:
         outs = [p for p in plan.pairs if p.kind == "output"]
-        feed, cand_feed = {**feeds[0], **plan.overrides}, {**cand_feeds[0], **plan.overrides}
-        r = dict(zip(ref_names, run(ref_sess, ref, feed)))
-        c = dict(zip(cand_names, run(cand_sess, cand, cand_feed)))
-        k = _calibration(calib_sess, ref, feed, ref_names)
+        r = dict(zip(ref_names, run(ref_sess, ref, override[0])))
+        c = dict(zip(cand_names, run(cand_sess, cand, {**cand_feeds[0], **plan.overrides})))
         checks = [TensorStats(p.ref, "output", *tolerances) for p in outs]
         for s, p in zip(checks, outs):
-            s.add(r[p.ref], c[p.cand], k[p.ref] if k else None)
+            s.add(r[p.ref], c[p.cand], noises[-1].get(p.ref))
         bad = [s.result() for s in checks if not s.result().passed]
         if bad:
             ignored = (
@@ -391,17 +395,32 @@ def _execute(
     return stats, ignored
 
 
-def _calibration(
-    sess: Any, ref: OrtModel, feed: Mapping[str, np.ndarray], names: Sequence[str]
-) -> dict[str, np.ndarray] | None:
-    if sess is None:
-        return None
+def _calibrate(
+    ref: OrtModel,
+    ref_sess: Any,
+    ref_extra: Sequence[onnx.ValueInfoProto],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    names: Sequence[str],
+    outputs: set[str],
+    notes: list[str],
+) -> list[dict[str, Any]] | None:
+    """Per sample, the noise of every fetched reference tensor (None when not calibrated)."""
     try:
-        out = run(sess, ref, feed)
+        calib_sess = session(ref, ref_extra, CALIBRATION_LEVEL)
+        noise = []
+        for feed in feeds:
+            r = run(ref_sess, ref, feed)
+            k = run(calib_sess, ref, feed)
+            noise.append(
+                {
+                    n: noise_of(a, b, "output" if n in outputs else "intermediate")
+                    for n, a, b in zip(names, r, k)
+                }
+            )
+        return noise
     except NotRun as e:
-        log.debug("calibration run failed: %s", e)
+        notes.append(f"tolerances not calibrated: {e}")
         return None
-    return dict(zip(names, out)) if len(out) == len(names) else None
 
 
 def _weights(ref: OrtModel, cand: OrtModel, atol: float | None, rtol: float | None) -> list[WeightCheck]:

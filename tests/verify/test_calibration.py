@@ -97,12 +97,13 @@ def test_reference_that_cannot_run_optimized_is_compared_uncalibrated(rng, monke
 def test_noise_is_zero_where_both_runs_agree():
     stats = compare.TensorStats("t", "intermediate", None, None)
     ref = np.arange(8, dtype=np.float32).reshape(1, 2, 4)
-    stats.add(ref, ref.copy(), ref.copy())
+    stats.add(ref, ref.copy(), compare.noise_of(ref, ref.copy(), "intermediate"))
     assert stats.result().noise == 0.0 and stats.result().passed
     noisy = ref.copy()
     noisy[0, 1, 0] += 1e-3  # channel 1's scale is 7: noise 1.4e-4 relative, times NOISE_FACTOR
-    stats.add(ref, ref.copy(), noisy)
+    stats.add(ref, ref.copy(), compare.noise_of(ref, noisy, "intermediate"))
     assert stats.result().noise == pytest.approx(compare.NOISE_FACTOR * 1e-3 / 7, rel=1e-3)
+    assert compare.noise_of(ref, noisy, "output") == pytest.approx(1e-3, rel=1e-3)  # one per tensor
 
 
 def test_onnx_checker_accepts_the_noise_models(rng):
