@@ -19,7 +19,7 @@ Tools
     onnx load+save          ``onnx.save(onnx.load(src), dst)`` (external data kept external)
     onnx load+save+fsync    the same, then ``fsync`` of the output: what bnfold's durable save pays
     bnfold                  ``bnfold SRC -o DST --no-verify`` (the CLI)
-    bnfold fold_path        ``bnfold.pipeline.fold_path(src, dst, verify=False)`` in ``python -c``
+    bnfold fold_path        ``bnfold.api.fold_path(src, dst, verify=False)`` in ``python -c``
     onnxoptimizer           ``onnxoptimizer.optimize(m, ["fuse_bn_into_conv"])``
     onnxscript              ``onnxscript.optimizer.optimize`` on an ``onnx_ir`` model
     onnxslim                ``onnxslim.slim(src, dst)``
@@ -152,7 +152,7 @@ def child_ort_basic(src: str, dst: str) -> dict[str, float]:
 
 
 def child_fold_path(src: str, dst: str) -> dict[str, float]:
-    from bnfold.pipeline import fold_path
+    from bnfold.api import fold_path
 
     fold_path(src, dst, verify=False)
     return {}
@@ -162,7 +162,7 @@ def child_bnfold_phases(src: str, dst: str) -> dict[str, float]:
     """bnfold's steps timed from inside: lazy load, fold, save (and the fsync within it)."""
     t0 = time.perf_counter()
     import bnfold.onnx.io as bio
-    from bnfold.onnx_fold import fold_onnx
+    from bnfold.api import fold_onnx
 
     t_import = time.perf_counter() - t0
     fsync_seconds = 0.0

@@ -207,7 +207,7 @@ class VerifyReport:
     intermediates: tuple[TensorDiff, ...] = ()
     weights: tuple[TensorDiff, ...] = ()
     """Fold points checked statically (kind ``weights``): the candidate's stored weights against
-    the reference's BN folded in float64, per element, in ulps (see bnfold.verify_weights)."""
+    the reference's BN folded in float64, per element, in ulps (see bnfold.verify.weights)."""
     inputs: tuple[InputSpec, ...] = ()
     samples: int = 0
     seed: int | None = None

@@ -276,10 +276,11 @@ def test_densenet_unfoldable_bns_follow_concat(exported: dict[str, Path]) -> Non
 def test_zoo_expectations_match_the_onnx_pass(exported: dict[str, Path]) -> None:
     """Every BN the registry calls foldable is folded by analyze_onnx, the others are skipped with
     one of the listed reasons."""
-    onnx_fold = pytest.importorskip("bnfold.onnx_fold")
+    from bnfold import analyze_onnx
+
     for name, path in exported.items():
         spec = models.get(name)
-        report = onnx_fold.analyze_onnx(str(path))
+        report = analyze_onnx(str(path))
         assert report.bn_total == spec.bn_count, name
         assert len(report.folded) == spec.expected_foldable, (name, report.skipped)
         assert {s.reason.value for s in report.skipped} <= set(spec.unfoldable_reasons), (
