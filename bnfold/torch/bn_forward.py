@@ -45,6 +45,7 @@ def split_forward(bn: nn.Module) -> BnForward | tuple[SkipReason, str]:
     cls = type(bn).__name__
     # super().forward(x) checks the input's rank in Python, which a symbolic input cannot answer;
     # the rank is checked by the caller (the BN class's accepted ranks) and the BN part is dropped
+    own = bn.__dict__.get("_check_input_dim")
     bn._check_input_dim = _any_rank
     try:
         gm = fx.symbolic_trace(bn)
@@ -54,7 +55,10 @@ def split_forward(bn: nn.Module) -> BnForward | tuple[SkipReason, str]:
             f"torch.fx cannot trace {cls}.forward (its own forward): {first_line(exc)}",
         )
     finally:
-        del bn._check_input_dim
+        if own is None:
+            del bn._check_input_dim
+        else:
+            bn._check_input_dim = own
     nodes = list(gm.graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
     calls = [n for n in nodes if n.op == "call_function" and n.target in _BATCH_NORMS]
