@@ -135,6 +135,14 @@ def fold_command(
             show_default=False,
         ),
     ] = None,
+    trust_pickles: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickles",
+            help="PyTorch: let a .pt2 archive unpickle its members (runs code from the file; only "
+            "for files you trust). Without it, such archives are refused.",
+        ),
+    ] = False,
     output_names: Annotated[
         list[str] | None,
         typer.Option(
@@ -187,9 +195,12 @@ def fold_command(
         strict=strict,
         factory=factory,
         weights=weights,
+        trust_pickles=trust_pickles,
     )
     if request.is_torch and exclude:
         raise typer.BadParameter("--exclude applies to ONNX models", param_hint="--exclude")
+    if trust_pickles and not request.is_torch:
+        raise typer.BadParameter("--trust-pickles applies to PyTorch inputs", param_hint="--trust-pickles")
     if output_names and not request.is_torch:
         raise typer.BadParameter("--output-name applies to PyTorch inputs", param_hint="--output-name")
     outcome = _run(request, target, ui)

@@ -33,7 +33,7 @@ def fold_torch(req: FoldRequest, *, progress: Callable[[str], None]) -> FoldOutc
         module, example = bt.load_factory(req.factory, req.weights), None
     else:
         progress(f"loading {req.source}")
-        module, example = bt.load_torch_artifact(req.source)
+        module, example = bt.load_torch_artifact(req.source, trust_pickles=req.trust_pickles)
     opts = req.options
     if opts.shapes or opts.inputs:
         example = example_inputs(opts.shapes, opts.inputs, seed=opts.seed)

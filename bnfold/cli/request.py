@@ -37,6 +37,8 @@ class FoldRequest:
     strict: bool
     factory: str | None
     weights: str | None
+    trust_pickles: bool = False
+    """PyTorch: allow a .pt2 archive's pickled members to be loaded (they run code)."""
 
     @property
     def is_torch(self) -> bool:

@@ -341,3 +341,31 @@ def test_clean_pt2_archive_has_no_unsafe_members(clean_pt2):
 
     with zipfile.ZipFile(clean_pt2) as z:
         assert unsafe_members(z) == []
+
+
+def test_cli_refuses_a_pickling_pt2_unless_trusted(tmp_path, clean_pt2):
+    """The CLI had no way to say "I trust this archive": --trust-pickles passes the library's
+    trust_pickles=True through; without it the archive is refused before any code runs."""
+    from typer.testing import CliRunner
+
+    from bnfold.cli import app
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "hostile.pt2"
+    _rewrite(clean_pt2, path, _pickled_weight(marker))
+    out = tmp_path / "out.onnx"
+    refused = CliRunner().invoke(app, [str(path), "-o", str(out), "--shape", "x=1x3x8x8"])
+    assert refused.exit_code == 2, refused.output
+    assert "--trust-pickles" in refused.output and not marker.exists() and not out.exists()
+    trusted = CliRunner().invoke(app, [str(path), "-o", str(out), "--shape", "x=1x3x8x8", "--trust-pickles"])
+    assert marker.exists(), trusted.output  # the flag reached the loader: the pickle ran
+    assert trusted.exit_code == 2 and not out.exists()  # and torch then fails on the crafted weight
+
+
+def test_cli_trust_pickles_is_for_pytorch_inputs(tmp_path):
+    from typer.testing import CliRunner
+
+    from bnfold.cli import app
+
+    result = CliRunner().invoke(app, ["models/demo.onnx", "-o", str(tmp_path / "o.onnx"), "--trust-pickles"])
+    assert result.exit_code == 2 and "--trust-pickles" in result.output
