@@ -37,7 +37,9 @@ from .verify.options import DEFAULT, InputsLike, Shapes
 __all__ = ["Progress", "analyze_onnx", "count_bn", "fold_loaded", "fold_onnx", "fold_path"]
 
 Progress = Callable[[str], None]
-"""Called with the step about to start: ``loading``, ``folding``, ``saving``, ``verifying``."""
+"""Called with the step about to start: ``loading``, ``folding``, ``saving``, ``verifying``, then
+the verification's own steps (``verifying: calibrating ...``, ``verifying: sample 2/3``,
+``verifying: folded weights``)."""
 
 ModelOrPath = onnx.ModelProto | str | os.PathLike
 
@@ -101,6 +103,7 @@ def fold_loaded(
     force: bool = False,
     reference: ModelOrPath | None = None,
     intermediates: bool = True,
+    progress: Progress | None = None,
 ) -> FoldResult:
     """Fold a loaded model; with ``verify``, verify it against ``reference`` and roll back.
 
@@ -131,6 +134,7 @@ def fold_loaded(
         force=force,
         intermediates=intermediates,
         unchanged=(lambda folded: folded.graph == model.graph) if reference is None else None,
+        progress=progress,
     )
     folded = done.payload
     if inplace:
@@ -223,7 +227,13 @@ def fold_path(
                 return folded.graph == load_model(src, lazy=True).graph
 
             done = fold_verified(
-                make_staged, src, options=opts, exclude=frozenset(exclude), force=force, unchanged=unchanged
+                make_staged,
+                src,
+                options=opts,
+                exclude=frozenset(exclude),
+                force=force,
+                unchanged=unchanged,
+                progress=note,
             )
             model, report, verification = done.payload, done.report, done.verification
         else:

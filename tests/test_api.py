@@ -178,3 +178,18 @@ def test_a_fold_is_still_verified_with_onnxruntime(rng):
     result = fold_onnx(conv_bn(rng).model(), verify=True)
     assert result.report.folded and result.verification.compared_on == "outputs+intermediates"
     assert result.verification.samples == 3
+
+
+def test_progress_names_each_step_and_each_sample(rng, tmp_path):
+    """Issue 13: long verifications show the step and the samples done (the CLI adds the time)."""
+    src, _ = write_model(rng, tmp_path / "src", external=False)
+    steps: list[str] = []
+    fold_path(src, tmp_path / "out.onnx", samples=2, progress=steps.append)
+    assert steps[:4] == ["loading", "folding", "saving", "verifying"]
+    assert steps[4:] == [
+        "verifying: the candidate at ORT_ENABLE_ALL",
+        "verifying: calibrating (the reference at ORT_ENABLE_BASIC)",
+        "verifying: sample 1/2",
+        "verifying: sample 2/2",
+        "verifying: folded weights",
+    ]

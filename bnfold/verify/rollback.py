@@ -42,6 +42,7 @@ def fold_verified(
     force: bool = False,
     intermediates: bool = True,
     unchanged: Callable[[Any], bool] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Verified:
     """Run ``make`` until its candidate verifies against ``reference``; see module docstring.
 
@@ -64,7 +65,9 @@ def fold_verified(
                 message="nothing folded: the candidate's graph is the reference's, no onnxruntime run",
             )
         else:
-            vr = run.verify_with(reference, candidate, options, intermediates=intermediates)
+            vr = run.verify_with(
+                reference, candidate, options, intermediates=intermediates, progress=progress
+            )
         if vr.status is VerifyStatus.PASSED:
             marked = _mark_reverted(report, reverted)
             return Verified(payload, marked, _with_reverted(vr, marked, reverted))

@@ -39,7 +39,7 @@ import logging
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -113,9 +113,16 @@ def verify(
 
 
 def verify_with(
-    reference: ModelLike, candidate: ModelLike, options: VerifyOptions, *, intermediates: bool = True
+    reference: ModelLike,
+    candidate: ModelLike,
+    options: VerifyOptions,
+    *,
+    intermediates: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> VerifyReport:
-    """:func:`verify` with its options in one :class:`VerifyOptions`."""
+    """:func:`verify` with its options in one :class:`VerifyOptions`; ``progress`` is called with
+    each step as it starts (``verifying: sample 2/3``...)."""
+    step = progress or (lambda _step: None)
     start = time.perf_counter()
     ref, cand = open_model(reference, "reference"), open_model(candidate, "candidate")
     fields: dict[str, Any] = {"onnxruntime_version": ort.__version__, "provider": PROVIDER}
@@ -135,7 +142,9 @@ def verify_with(
             feeds, notes = _feeds(ref, cand, decls, cand_inputs, options, fields, tmp)
         except NotRun as e:
             return finish(VerifyStatus.NOT_RUN, str(e))
-        return _compare(ref, cand, feeds, cand_inputs, options, intermediates, fields, notes, finish, tmp)
+        return _compare(
+            ref, cand, feeds, cand_inputs, options, intermediates, fields, notes, finish, tmp, step
+        )
 
 
 def _feeds(
@@ -227,6 +236,7 @@ def _compare(
     notes: list[str],
     finish: Any,
     tmp: str,
+    step: Callable[[str], None],
 ) -> VerifyReport:
     """Pair the tensors, run, compare, check the weights, and say what failed first."""
     atol, rtol = options.atol, options.rtol
@@ -242,13 +252,15 @@ def _compare(
     cand_feeds = [{d.name: feed[d.name] for d in cand_inputs} for feed in feeds]
     try:
         plan.overrides = overrides(ref, options.seed)
-        stats, ignored = _execute(ref, cand, plan, feeds, cand_feeds, fields, notes, (atol, rtol), tmp)
+        stats, ignored = _execute(ref, cand, plan, feeds, cand_feeds, fields, notes, (atol, rtol), tmp, step)
     except NotRun as e:
         return finish(VerifyStatus.NOT_RUN, str(e))
     if ignored:
         return finish(VerifyStatus.FAILED, ignored)
 
     diffs = [s.result() for s in stats]
+    if intermediates:
+        step("verifying: folded weights")
     weights = _weights(ref, cand, atol, rtol) if intermediates else []
     fields["outputs"] = tuple(d for d in diffs if d.kind == "output")
     fields["intermediates"] = tuple(d for d in diffs if d.kind == "intermediate")
@@ -334,6 +346,7 @@ def _execute(
     notes: list[str],
     tolerances: tuple[float | None, float | None],
     tmp: str,
+    step: Callable[[str], None],
 ) -> tuple[list[TensorStats], str]:
     """Run both models at ``ORT_DISABLE_ALL`` on every sample and compare the pairs; then once
     more with the overridable initializers perturbed (the outputs must still agree: a sentence
@@ -352,6 +365,7 @@ def _execute(
     outputs = {o.name for o in ref.graph.output}
     ref.prepare(tmp)
     cand.prepare(tmp)
+    step("verifying: the candidate at ORT_ENABLE_ALL")
     try:
         run(session(cand, (), level.ORT_ENABLE_ALL), cand, cand_feeds[0])
         fields["candidate_runs_optimized"] = True
@@ -359,6 +373,7 @@ def _execute(
         fields["candidate_runs_optimized"] = False
         notes.append(f"at ORT_ENABLE_ALL: {e}")
     release_memory()
+    step(f"verifying: calibrating (the reference at {CALIBRATION_LEVEL.name})")
     ref_sess = session(ref, ref_extra, level.ORT_DISABLE_ALL)
     override = [{**feeds[0], **plan.overrides}] if plan.overrides else []
     noise = _calibrate(ref, ref_sess, ref_extra, [*feeds, *override], ref_names, outputs, notes)
@@ -368,6 +383,7 @@ def _execute(
     cand_sess = session(cand, cand_extra, level.ORT_DISABLE_ALL)
     stats: list[TensorStats] = []
     for i, (feed, cand_feed) in enumerate(zip(feeds, cand_feeds)):
+        step(f"verifying: sample {i + 1}/{len(feeds)}")
         r = dict(zip(ref_names, run(ref_sess, ref, feed)))
         c = dict(zip(cand_names, run(cand_sess, cand, cand_feed)))
         if i == 0:
