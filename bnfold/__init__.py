@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import BnfoldError, InputError, MissingDependencyError, ShapeError, VerificationError
 from .api import analyze_onnx, fold_onnx, fold_path
+from .errors import BnfoldError, InputError, MissingDependencyError, ShapeError, VerificationError
 from .onnx.fold import count_bn
 from .report import (
     ExportResult,

@@ -14,10 +14,10 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from google.protobuf.message import EncodeError
 from onnx import TensorProto, helper
 
@@ -142,17 +142,26 @@ def open_model(model: ModelLike, label: str) -> OrtModel:
     return OrtModel(label, load_model(path, lazy=True), path=path)
 
 
-def session_options(level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
-    """Options of every verification session: weight pre-packing off (a packed copy of each
-    weight per session; a few samples do not repay it)."""
+def onnxruntime() -> Any:
+    """The onnxruntime module, imported on first use: a fold that is not verified never loads it."""
+    import onnxruntime as ort
+
+    return ort
+
+
+def session_options(level: str) -> Any:
+    """Options of every verification session at ``level`` (a ``GraphOptimizationLevel`` name such as
+    ``"ORT_DISABLE_ALL"``): weight pre-packing off (a packed copy of each weight per session; a
+    few samples do not repay it)."""
+    ort = onnxruntime()
     so = ort.SessionOptions()
-    so.graph_optimization_level = level
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     so.log_severity_level = 3
     so.add_session_config_entry("session.disable_prepacking", "1")
     return so
 
 
-def session(model: OrtModel, extra_outputs: Sequence[onnx.ValueInfoProto], level: ort.GraphOptimizationLevel):
+def session(model: OrtModel, extra_outputs: Sequence[onnx.ValueInfoProto], level: str) -> Any:
     """One InferenceSession of ``model`` with ``extra_outputs`` appended to its graph outputs."""
     so = session_options(level)
     try:
@@ -163,12 +172,12 @@ def session(model: OrtModel, extra_outputs: Sequence[onnx.ValueInfoProto], level
         # Protobuf parses concatenated messages as one merged message, and merging appends to
         # repeated fields: this adds the outputs without a copy of the caller's ModelProto.
         suffix = onnx.ModelProto(graph=onnx.GraphProto(output=extra_outputs)).SerializeToString()
-        return ort.InferenceSession(model.serialized() + suffix, so, providers=[PROVIDER])
+        return onnxruntime().InferenceSession(model.serialized() + suffix, so, providers=[PROVIDER])
     except Exception as e:  # onnxruntime raises its own Fail, InvalidGraph, NotImplemented... types
         raise NotRun(f"onnxruntime cannot load the {model.label}: {first_line(e)}") from e
 
 
-def run(sess: ort.InferenceSession, model: OrtModel, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+def run(sess: Any, model: OrtModel, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     try:
         return sess.run(None, dict(feed))
     except Exception as e:  # any onnxruntime failure means NOT_RUN

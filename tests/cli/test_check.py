@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from cli_builders import conv_bn_model, save
 
 from bnfold.cli import (
     CheckOptions,
@@ -26,6 +25,7 @@ from bnfold.cli.junit import junit_xml
 from bnfold.errors import InputError
 from bnfold.onnx.io import write_text_atomic
 from bnfold.report import Folded, FoldReport, Skipped, SkipReason, VerifyReport, VerifyStatus
+from cli_builders import conv_bn_model, save
 
 # --------------------------------------------------------------------------------------------
 # discover_models

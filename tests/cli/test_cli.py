@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from cli_builders import FACTORY_SOURCE, conv_bn_model, save
 from onnx import helper
 from typer.testing import CliRunner
 
@@ -29,6 +28,7 @@ from bnfold.report import (
     VerifyReport,
     VerifyStatus,
 )
+from cli_builders import FACTORY_SOURCE, conv_bn_model, save
 from conftest import run_ort
 
 runner = CliRunner()
@@ -660,3 +660,26 @@ def test_entry_point_check_json_on_stdout(
     if "--against" in make_args(check_dir):
         v = doc["models"][0]["verification"]
         assert v["status"] == ("passed" if code == 0 else "failed")
+
+
+def test_unverified_fold_does_not_import_onnxruntime(tmp_path):
+    """Issue 14: `bnfold IN -o OUT --no-verify -q` paid for importing onnxruntime (and `import
+    bnfold` did too) though nothing ran it; the verifier now loads it on first use."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "o.onnx"
+    code = (
+        "import sys\n"
+        "import bnfold\n"
+        "assert 'onnxruntime' not in sys.modules, 'import bnfold loaded onnxruntime'\n"
+        "from bnfold.cli import main\n"
+        f"sys.argv = ['bnfold', 'models/demo.onnx', '-o', {str(out)!r}, '--no-verify', '-q']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "assert 'onnxruntime' not in sys.modules and 'torch' not in sys.modules\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.exists()

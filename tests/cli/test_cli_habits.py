@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from cli_builders import FACTORY_SOURCE, conv_bn_model, one_error_line, save
 from typer.testing import CliRunner
 
 from bnfold.cli import app, parse_shape
+from cli_builders import FACTORY_SOURCE, conv_bn_model, one_error_line, save
 from conftest import run_ort
 
 runner = CliRunner()

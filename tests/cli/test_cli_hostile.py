@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from cli_builders import conv_bn_model, one_error_line, save
 from test_cli_output import bnfold_exe
 from typer.testing import CliRunner
 
 from bnfold.cli import app
+from cli_builders import conv_bn_model, one_error_line, save
 
 runner = CliRunner()
 

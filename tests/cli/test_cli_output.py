@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from cli_builders import conv_bn_model, save
 from typer.testing import CliRunner
 
 from bnfold.cli import app
+from cli_builders import conv_bn_model, save
 
 runner = CliRunner()
 
