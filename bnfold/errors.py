@@ -10,9 +10,16 @@ if TYPE_CHECKING:
 
 
 class BnfoldError(Exception):
-    """Base class: a problem with the user's input or environment, with a message they can act on."""
+    """Base class: a problem with the user's input or environment, with a message they can act on.
+
+    ``cli_message``, when given, says the same in the command line's words (``--shape x=1x3x8x8``
+    where the API's message says ``shapes={'x': (1, 3, 8, 8)}``); the CLI prints it instead."""
 
     exit_code: int = 2
+
+    def __init__(self, message: str = "", *, cli_message: str | None = None) -> None:
+        super().__init__(message)
+        self.cli_message = cli_message
 
 
 class InputError(BnfoldError):

@@ -179,7 +179,7 @@ def _exit_code_of(exc: BaseException, *, debug: bool) -> int:
     if isinstance(exc, BnfoldError):
         if debug:
             traceback.print_exc()
-        print_error(str(exc))
+        print_error(exc.cli_message or str(exc))
         return exc.exit_code
     if isinstance(exc, BrokenPipeError):  # `bnfold check ... | head`: the reader left before the end
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -283,7 +283,7 @@ def check_model(path: str, *, options: CheckOptions = DEFAULT_OPTIONS) -> ModelC
     try:
         return _check_model(path, options, start)
     except BnfoldError as exc:
-        message = one_line(str(exc))
+        message = one_line(exc.cli_message or str(exc))
         return ModelCheck(
             path=path,
             status=CheckStatus.ERROR,

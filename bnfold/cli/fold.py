@@ -294,7 +294,7 @@ def fold_onnx_request(req: FoldRequest, *, progress: Callable[[str], None]) -> F
 
 def _naming(exc: BnfoldError, path: str) -> BnfoldError:
     """The same error, its message prefixed with ``path`` unless it names a file already."""
-    message = str(exc)
+    message = exc.cli_message or str(exc)
     if path in message or os.path.basename(path) in message or isinstance(exc, VerificationError):
         return exc
     return type(exc)(f"{path}: {message}")

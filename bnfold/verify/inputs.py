@@ -147,9 +147,7 @@ def unfixed_error(d: InputDecl, what: str) -> ShapeError:
         dims = [str(x) if isinstance(x, int) else (x or "?") for x in d.dims]
         api = f"shapes={{'{d.name}': ({', '.join(dims)})}} with numbers in place of names"
         cli = f"--shape {d.name}={'x'.join(dims)} with numbers in place of names"
-    err = ShapeError(f"{what}: pass {api}")
-    err.cli_message = f"{what}: pass {cli}"  # type: ignore[attr-defined]  # the CLI shows this one
-    return err
+    return ShapeError(f"{what}: pass {api}", cli_message=f"{what}: pass {cli}")
 
 
 def generate(decls, shapes, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -156,7 +156,9 @@ def session_options(level: str) -> Any:
     ort = onnxruntime()
     so = ort.SessionOptions()
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    so.log_severity_level = 3
+    # fatal only: every failure reaches us as an exception (reported as not-run); onnxruntime's
+    # own colored error lines on fd 2 (e.g. while trying sizes for a free dimension) are noise
+    so.log_severity_level = 4
     so.add_session_config_entry("session.disable_prepacking", "1")
     return so
 

@@ -683,3 +683,59 @@ def test_unverified_fold_does_not_import_onnxruntime(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert out.exists()
+
+
+def test_unbindable_dimension_is_reported_in_command_line_words(tmp_path):
+    """The verifier's ShapeError said `pass shapes={'x': (...)}` (Python API words) in the CLI;
+    the CLI now prints the same sentence with --shape."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    c = 3
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["x4"]),
+        helper.make_node("Conv", ["x4", "W"], ["y"]),
+        helper.make_node("BatchNormalization", ["y", "g", "b", "m", "v"], ["z"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([1, c, 2, 2], np.int64), "shape"),  # only b*n == 12 reshapes
+        numpy_helper.from_array(rng.standard_normal((c, c, 1, 1)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "g"),
+        numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "b"),
+        numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "m"),
+        numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "v"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "n"])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        inits,
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    result = CliRunner().invoke(app, [str(path), "-o", str(tmp_path / "o.onnx")])
+    assert result.exit_code == 2, result.output
+    assert "--shape x=" in result.output and "shapes=" not in result.output
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_trying_sizes_for_a_free_dimension_prints_nothing_from_onnxruntime(tmp_path):
+    """Issue 10 item 11: each size tried for a free dimension that fails made onnxruntime print
+    a colored error line of its own on stderr; only bnfold's one error line may appear."""
+    import subprocess
+    import sys
+
+    test_unbindable_dimension_is_reported_in_command_line_words(tmp_path)  # writes m.onnx
+    done = subprocess.run(
+        [sys.executable, "-m", "bnfold", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("bnfold: error:"), done.stderr
+    assert "onnxruntime" not in done.stderr.lower().replace("onnxruntime's", "")

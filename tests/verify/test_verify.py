@@ -832,10 +832,10 @@ def test_sessions_compared_are_at_disable_all_and_the_extra_check_at_default(rng
     level = ort.GraphOptimizationLevel
     cpu = ["CPUExecutionProvider"]
     assert seen == [
-        ("candidate", level.ORT_ENABLE_ALL, 3, cpu),
-        ("reference", level.ORT_DISABLE_ALL, 3, cpu),
-        ("reference", level.ORT_ENABLE_BASIC, 3, cpu),
-        ("candidate", level.ORT_DISABLE_ALL, 3, cpu),
+        ("candidate", level.ORT_ENABLE_ALL, 4, cpu),
+        ("reference", level.ORT_DISABLE_ALL, 4, cpu),
+        ("reference", level.ORT_ENABLE_BASIC, 4, cpu),
+        ("candidate", level.ORT_DISABLE_ALL, 4, cpu),
     ]
 
 
