@@ -139,12 +139,16 @@ def _skipped(scope: Scope, source_kind: str, label: str, out: str, r: Reject) ->
     )
 
 
-def _folded(scope: Scope, plan: Plan, new_names: list[str]) -> Folded:
+def _apply(scope: Scope, plan: Plan) -> Folded:
+    """Apply ``plan`` and report it. The absorber is reported by its op type before the fold: a
+    MatMul that became a Gemm is reported as the MatMul the user's model has."""
     absorber = plan.absorber
+    op_type = absorber.op_type
+    new_names = apply(scope, plan)
     return Folded(
         bn=plan.source.label,
-        producer=absorber.name or absorber.op_type,
-        producer_op=absorber.op_type,
+        producer=absorber.name or op_type,
+        producer_op=op_type,
         output=plan.source.output,
         graph=scope.label,
         new_initializers=tuple(new_names),
@@ -185,10 +189,10 @@ def try_fold(
     if isinstance(backward, Reject) and is_concat(backward.node):
         backward = plan_concat(scope, source) or backward
     if isinstance(backward, Plan):
-        return _folded(scope, backward, apply(scope, backward))
+        return _apply(scope, backward)
     forward = _forward(scope, source, consumers)
     if isinstance(forward, Plan):
-        return _folded(scope, forward, apply(scope, forward))
+        return _apply(scope, forward)
     upstream_empty = backward.reason in (SkipReason.NO_PRODUCER, SkipReason.UNSUPPORTED_PRODUCER)
     return skip(forward if forward is not None and upstream_empty else backward)
 
@@ -251,7 +255,7 @@ def try_fold_chain(
     plan = plan_into(scope, layer, route, source)
     if isinstance(plan, Reject):
         return _skipped(scope, kind, label, out, plan) if plan.reason in _CHAIN_REASONS else None
-    return _folded(scope, plan, apply(scope, plan))
+    return _apply(scope, plan)
 
 
 def _chain_forward(
@@ -263,4 +267,4 @@ def _chain_forward(
     if not isinstance(source, Source):
         return None
     plan = _forward(scope, source, consumers)
-    return _folded(scope, plan, apply(scope, plan)) if isinstance(plan, Plan) else None
+    return _apply(scope, plan) if isinstance(plan, Plan) else None

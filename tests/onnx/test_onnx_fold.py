@@ -169,8 +169,11 @@ def matmul_bn(rng, *, a_shape, add: str | None = None, declare_rank: bool = True
 
 @pytest.mark.parametrize("add", [None, "n", "1n", "scalar"], ids=["matmul", "add-n", "add-1n", "add-scalar"])
 def test_matmul_rank2_folds(rng, add):
-    out = check_folded(matmul_bn(rng, a_shape=[4, 6], add=add))
+    g = matmul_bn(rng, a_shape=[4, 6], add=add)
+    out = check_folded(g)
     assert ops(out) == (["Gemm"] if add is None else ["MatMul", "Add"])
+    # reported as the op the user's model has: a MatMul that became a Gemm printed as "Gemm"
+    assert fold_onnx(g.model()).report.folded[0].producer_op == ("MatMul" if add is None else "Add")
 
 
 def test_matmul_on_sequence_axis_is_not_folded(rng):
