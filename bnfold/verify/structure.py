@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import onnx
 
+from ..onnx.graph import has_subgraph
 from .correspond import AFFINE_OPS, FETCHABLE, OrtModel, constant_names
 
 __all__ = ["CHAIN_LIMIT", "affine_chain", "structural_options"]
@@ -41,17 +42,13 @@ def _constants(graph: onnx.GraphProto) -> set[str]:
     for n in graph.node:
         inputs = [i for i in n.input if i]
         computed = inputs and all(i in consts for i in inputs) and n.op_type not in _RANDOM
-        if n.op_type == "Constant" or (computed and not _has_subgraph(n)):
+        if n.op_type == "Constant" or (computed and not has_subgraph(n)):
             consts.update(o for o in n.output if o)
     return consts
 
 
 def _attrs_key(node: onnx.NodeProto) -> tuple:
     return tuple(sorted((a.name, a.SerializeToString()) for a in node.attribute))
-
-
-def _has_subgraph(node: onnx.NodeProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
 def _pass_through(graph: onnx.GraphProto):
@@ -115,7 +112,7 @@ def structural_options(
     ref_consts, cand_consts = _constants(ref.graph), _constants(cand.graph)
     index: dict[tuple, list[tuple[onnx.NodeProto, tuple[str, ...]]]] = {}
     for node in ref.graph.node:
-        if _has_subgraph(node):
+        if has_subgraph(node):
             continue
         data = [(i, n) for i, n in enumerate(node.input) if n and n not in ref_consts]
         key = (node.domain, node.op_type, _attrs_key(node), tuple(i for i, _ in data))
@@ -129,7 +126,7 @@ def structural_options(
         options.setdefault(vi.name, same([vi.name]))
     found: dict[str, list[str]] = {}
     for node in cand.graph.node:
-        if _has_subgraph(node) or all(o in options for o in node.output if o):
+        if has_subgraph(node) or all(o in options for o in node.output if o):
             continue
         data = [(i, n) for i, n in enumerate(node.input) if n and n not in cand_consts]
         if any(n not in options for _, n in data):
