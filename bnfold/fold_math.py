@@ -28,7 +28,7 @@ was non-zero to all zeros (float16 peers write ``inf`` when gamma/sqrt(var+eps) 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -133,6 +133,103 @@ def scale_weight_exact(
         if flushed.size:
             return None, f"channel {int(flushed[0])} underflows to zero in {w.dtype.name}"
     return out.reshape(w.shape), ""
+
+
+@dataclass(frozen=True, eq=False)
+class ScaledWeight:
+    """``W * scale`` along an axis, rounded once to W's dtype: decided, not yet computed.
+
+    :func:`scale_weight_planned` decides on one read pass that every value is representable;
+    the values are then computed where they are written (:meth:`rows`, a block of rows at a
+    time), with the same float64 multiply and rounding as :func:`scale_weight_exact`, so they
+    are bit-identical to it. ``source`` is the weight the decision was made on (None once the
+    recipe is stored apart from it: the values are then computed from the stored weight).
+    """
+
+    scale: np.ndarray  # float64 (C,)
+    axis: int
+    groups: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    source: np.ndarray | None = None
+
+    def rows(self, w: np.ndarray, start: int) -> np.ndarray:
+        """Rows ``start : start + n`` (along axis 0) of the result, from the same rows of W."""
+        w = np.asarray(w).reshape((-1,) + self.shape[1:])
+        n, ndim = w.shape[0], len(self.shape)
+        s = self.scale
+        if self.groups > 1:  # ConvTranspose (C_in, C_out/g, k...): row i is in group i // (C_in/g)
+            per, c_out_g = self.shape[0] // self.groups, self.shape[1]
+            group = np.arange(start, start + n) // per
+            s_b = s[group[:, None] * c_out_g + np.arange(c_out_g)[None, :]]
+            s_b = s_b.reshape((n, c_out_g) + (1,) * (ndim - 2))
+        elif self.axis == 0:
+            s_b = s[start : start + n].reshape((n,) + (1,) * (ndim - 1))
+        else:
+            shape = [1] * ndim
+            shape[self.axis] = s.shape[0]
+            s_b = s.reshape(shape)
+        out = np.empty(w.shape, dtype=self.dtype)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            np.multiply(w, s_b, out=out, dtype=np.float64, casting="unsafe")
+        return out
+
+    def apply(self, weight: np.ndarray | None = None) -> np.ndarray:
+        """The whole result, from ``weight`` (default: ``source``)."""
+        w = self.source if weight is None else weight
+        if w is None:
+            raise ValueError("ScaledWeight.apply: no weight to scale")
+        return self.rows(w, 0).reshape(self.shape)
+
+    def detached(self) -> ScaledWeight:
+        """The recipe without its source weight (what a deferred tensor keeps)."""
+        return replace(self, source=None)
+
+
+def scale_weight_planned(
+    weight: np.ndarray, scale: np.ndarray, *, axis: int, groups: int = 1
+) -> tuple[ScaledWeight | np.ndarray | None, str]:
+    """:func:`scale_weight_exact`, decided now and computed later where that is exact.
+
+    For a finite float16/32/64 weight and a finite scale, one read pass decides: a channel's
+    largest ``|W|`` times ``|scale|`` (float64 multiplication and the rounding to the dtype
+    are both monotone and symmetric) overflows exactly when some value of the channel does,
+    and rounds to zero exactly when every value of the channel does. Returns a
+    :class:`ScaledWeight`, or what :func:`scale_weight_exact` returns (the array, or
+    ``(None, why)`` with the same reason) in every other case.
+    """
+    w = np.asarray(weight)
+    s = np.asarray(scale, dtype=np.float64).reshape(-1)
+    if (
+        w.dtype not in (np.float16, np.float32, np.float64)
+        or w.ndim == 0
+        or not w.size
+        or not np.isfinite(s).all()
+    ):
+        return scale_weight_exact(w, s, axis=axis, groups=groups)
+    if groups > 1:
+        if axis != 1 or w.ndim < 2 or w.shape[0] % groups or s.shape[0] != w.shape[1] * groups:
+            return scale_weight_exact(w, s, axis=axis, groups=groups)
+        view = w.reshape((groups, w.shape[0] // groups, w.shape[1], -1))
+        ch_axes: tuple[int, ...] = (1, 3)
+    else:
+        if s.shape[0] != w.shape[axis]:
+            raise ValueError(f"weight axis {axis} has {w.shape[axis]} channels, scale has {s.shape[0]}")
+        view = w
+        ch_axes = tuple(a for a in range(w.ndim) if a != axis)
+    hi = view.max(axis=ch_axes) if ch_axes else view
+    lo = view.min(axis=ch_axes) if ch_axes else view
+    amax = np.maximum(hi.astype(np.float64), -lo.astype(np.float64)).reshape(-1)
+    if not np.isfinite(amax).all():  # NaN or inf in the weight: the full check
+        return scale_weight_exact(w, s, axis=axis, groups=groups)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        peak = (amax * np.abs(s)).astype(w.dtype)
+    if np.isinf(peak).any():
+        return None, f"a folded value overflows {w.dtype.name}"
+    flushed = np.flatnonzero((amax != 0) & (s != 0) & (peak == 0))
+    if flushed.size:
+        return None, f"channel {int(flushed[0])} underflows to zero in {w.dtype.name}"
+    return ScaledWeight(s, axis, groups, w.dtype, tuple(w.shape), w), ""
 
 
 def fold_bias(bias: np.ndarray | None, affine: Affine) -> np.ndarray:

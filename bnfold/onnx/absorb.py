@@ -108,13 +108,17 @@ def _cast(values: np.ndarray, like: np.ndarray, what: str) -> np.ndarray | Rejec
     return out
 
 
+_VALUES = (np.ndarray, fold_math.ScaledWeight)
+
+
 def _scaled(
     w: np.ndarray, aff: fold_math.Affine, what: str, *, axis: int, groups: int = 1
-) -> np.ndarray | Reject | None:
-    """``w`` scaled along ``axis``; None when the scale is exactly 1 (nothing to write)."""
+) -> np.ndarray | fold_math.ScaledWeight | Reject | None:
+    """``w`` scaled along ``axis`` (decided now, computed where it is written when that is
+    exact: :class:`~bnfold.fold_math.ScaledWeight`); None when the scale is exactly 1."""
     if aff.channels and aff.scale[0] == 1.0 and np.all(aff.scale == 1.0):
         return None
-    out, why = fold_math.scale_weight_exact(w, aff.scale, axis=axis, groups=groups)
+    out, why = fold_math.scale_weight_planned(w, aff.scale, axis=axis, groups=groups)
     if out is None:
         return Reject(SkipReason.NOT_REPRESENTABLE, f"folding into {what}: {why}")
     return out
@@ -157,7 +161,7 @@ def _plan(
     for _, _, value, _ in writes:
         if isinstance(value, Reject):
             return value
-    values = tuple(NewValue(n, i, v, k) for n, i, v, k in writes if isinstance(v, np.ndarray))
+    values = tuple(NewValue(n, i, v, k) for n, i, v, k in writes if isinstance(v, _VALUES))
     return Plan(source=source, absorber=absorber, chain=chain, values=values, **extra)  # type: ignore[arg-type]
 
 

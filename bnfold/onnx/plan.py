@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..fold_math import Affine
+from ..fold_math import Affine, ScaledWeight
 from ..report import SkipReason
 
 
@@ -63,11 +63,12 @@ class Source:
 
 @dataclass(frozen=True)
 class NewValue:
-    """Point ``node.input[index]`` at a constant holding ``value`` (``kind``: weight, bias)."""
+    """Point ``node.input[index]`` at a constant holding ``value`` (``kind``: weight, bias); a
+    :class:`~bnfold.fold_math.ScaledWeight` is computed where it is written when it can be."""
 
     node: onnx.NodeProto
     index: int
-    value: np.ndarray
+    value: np.ndarray | ScaledWeight
     kind: str
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..fold_math import ScaledWeight
 from .graph import Scope, metadata_inputs, node_id
 from .plan import Plan
 
@@ -224,7 +225,7 @@ def set_input(
     scope: Scope,
     node: onnx.NodeProto,
     index: int,
-    value: np.ndarray,
+    value: np.ndarray | ScaledWeight,
     kind: str,
     *,
     before: onnx.NodeProto | None = None,
@@ -244,7 +245,11 @@ def set_input(
     if old and old in scope.initializers and scope.single_use(old) and not scope.overridable(old):
         name = ns.fresh_name(base)
         t = scope.initializers.pop(old)
-        new_t = numpy_helper.from_array(value, name)
+        if isinstance(value, ScaledWeight):
+            new_t = _deferred(t, value, name)
+            value = value.apply() if new_t is None else value
+        if not isinstance(value, ScaledWeight):
+            new_t = numpy_helper.from_array(value, name)
         new_t.doc_string = t.doc_string
         t.CopyFrom(new_t)
         scope.initializers[name] = t
@@ -255,6 +260,8 @@ def set_input(
         ns.uses[old] -= 1
         ns.uses[name] += 1
         return [name]
+    if isinstance(value, ScaledWeight):
+        value = value.apply()
     name = add_constant(scope, base, value, before=before if before is not None else node)
     while len(node.input) <= index:
         node.input.append("")
@@ -263,6 +270,17 @@ def set_input(
     node.input[index] = name
     ns.uses[name] += 1
     return [name]
+
+
+def _deferred(t: onnx.TensorProto, value: ScaledWeight, name: str) -> onnx.TensorProto | None:
+    """``t`` renamed to ``name``, holding ``value`` computed from its own bytes when it is saved
+    or read (:func:`bnfold.onnx.io.defer_scaled`); None when ``t``'s bytes are in memory (they
+    are computed now). Holds the fields ``numpy_helper.from_array`` writes, and the doc string."""
+    if t.data_location != onnx.TensorProto.EXTERNAL or t.HasField("raw_data"):
+        return None
+    from .io import defer_scaled  # lazy: only a model with data in files gets here
+
+    return defer_scaled(t, value.detached(), name)
 
 
 def _rename_declarations(graph: onnx.GraphProto, old: str, new: str) -> None:

@@ -182,3 +182,83 @@ def test_forward_folds_refuse_what_the_dtype_cannot_hold():
     assert w is None and "overflows" in why
     b, why, _ = fold_math.forward_matrix(np.full((2, 1), 100, np.float16), aff, k_axis=0)
     assert b is None and "overflows" in why
+
+
+def _planned_as_exact(w, s, axis, groups):
+    planned, why = fold_math.scale_weight_planned(w, s, axis=axis, groups=groups)
+    if isinstance(planned, fold_math.ScaledWeight):
+        return planned.apply(), why
+    return planned, why
+
+
+_EDGE_CASES = {
+    # name: (dtype, scale factory, weight tweak)
+    "plain-f32": (np.float32, lambda c: np.linspace(-2, 3, c), None),
+    "f16-overflow": (np.float16, lambda c: np.full(c, 2e4), None),
+    "f16-one-channel-overflows": (np.float16, lambda c: np.r_[np.ones(c - 1), 7e4], None),
+    "f16-flush": (np.float16, lambda c: np.r_[np.ones(c - 1), 1e-12], None),
+    "f16-edge-of-range": (np.float16, lambda c: np.full(c, 65504.0 / 3.0), "ones-times-3"),
+    "f32-flush": (np.float32, lambda c: np.r_[1e-50, np.ones(c - 1)], None),
+    "zero-scale": (np.float32, lambda c: np.r_[0.0, np.ones(c - 1)], None),
+    "zero-channel": (np.float32, lambda c: np.full(c, 1e-50), "zero-first-channel"),
+    "f64-overflow": (np.float64, lambda c: np.full(c, 1e300), "big"),
+    "nan-weight": (np.float32, lambda c: np.ones(c) * 2, "nan"),
+    "inf-weight": (np.float32, lambda c: np.ones(c) * 2, "inf"),
+    "inf-scale": (np.float32, lambda c: np.r_[np.inf, np.ones(c - 1)], None),
+    "nan-scale": (np.float32, lambda c: np.r_[np.nan, np.ones(c - 1)], None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_EDGE_CASES), ids=sorted(_EDGE_CASES))
+@pytest.mark.parametrize(
+    "shape,axis,groups",
+    [
+        ((6, 4, 3, 3), 0, 1),
+        ((8, 3, 3), 1, 2),
+        ((5, 6), 1, 1),
+        ((6, 5), 0, 1),
+        ((6,), 0, 1),
+        ((2, 3, 6), 2, 1),
+    ],
+    ids=["conv", "convtranspose-g2", "gemm-n", "gemm-transb", "vector", "matmul-3d"],
+)
+def test_planned_scaling_decides_and_computes_exactly_as_the_full_pass(case, shape, axis, groups, rng):
+    """The deferred fold decides on a channel's largest |W|; without exactly the same decisions
+    (and reasons) as scale_weight_exact, the streaming save would write a fold the in-memory
+    path refuses, or refuse one it takes, and its values would not be bit-identical."""
+    dtype, make_scale, tweak = _EDGE_CASES[case]
+    w = rng.standard_normal(shape).astype(dtype)
+    channels = shape[1] * groups if groups > 1 else shape[axis]
+    if tweak == "ones-times-3":
+        w = np.full(shape, 3.0, dtype)
+    elif tweak == "zero-first-channel":
+        w = np.moveaxis(w, axis, 0).copy()
+        w[0] = 0
+        w = np.moveaxis(w, 0, axis)
+    elif tweak == "big":
+        w = (w * 1e10).astype(dtype)
+    elif tweak in ("nan", "inf"):
+        w.reshape(-1)[1] = np.nan if tweak == "nan" else np.inf
+    s = np.asarray(make_scale(channels), dtype=np.float64)
+    with np.errstate(all="ignore"):
+        expected, why = fold_math.scale_weight_exact(w, s, axis=axis, groups=groups)
+        got, got_why = _planned_as_exact(w, s, axis, groups)
+    assert got_why == why
+    if expected is None:
+        assert got is None
+    else:
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert got.tobytes() == expected.tobytes()
+
+
+def test_scaled_weight_rows_in_blocks_equal_the_whole(rng):
+    """The save computes a deferred weight a block of rows at a time; any block split must give
+    the bytes of the whole computation (grouped ConvTranspose included)."""
+    for shape, axis, groups in (((8, 3, 2, 2), 1, 4), ((7, 5, 3), 0, 1), ((9, 4), 1, 1)):
+        w = rng.standard_normal(shape).astype(np.float32)
+        c = shape[1] * groups if groups > 1 else shape[axis]
+        planned, _ = fold_math.scale_weight_planned(w, rng.uniform(-2, 2, c), axis=axis, groups=groups)
+        whole = planned.apply().tobytes()
+        for step in (1, 2, 3):
+            parts = [planned.rows(w[i : i + step], i).tobytes() for i in range(0, shape[0], step)]
+            assert b"".join(parts) == whole

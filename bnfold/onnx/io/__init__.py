@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .atomic import remove_stale, terminate_as_exit, write_text_atomic
 from .datanames import ensure_not_overwriting, model_files
-from .external import Source, Stub, data_files, is_lazy, source_dir_of, stub_of
+from .external import Source, Stub, data_files, defer_scaled, is_lazy, scaled_of, source_dir_of, stub_of
 from .load import LAZY_THRESHOLD, load_model
 from .save import EXTERNAL_THRESHOLD, materialize, save_model
 from .staging import Staging
@@ -32,6 +32,7 @@ __all__ = [
     "Stub",
     "copy_except",
     "data_files",
+    "defer_scaled",
     "ensure_not_overwriting",
     "is_lazy",
     "load_model",
@@ -40,6 +41,7 @@ __all__ = [
     "read_array",
     "remove_stale",
     "save_model",
+    "scaled_of",
     "source_dir_of",
     "stub_of",
     "terminate_as_exit",

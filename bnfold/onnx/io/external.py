@@ -27,9 +27,11 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from bnfold.errors import InputError
+from bnfold.fold_math import ScaledWeight
 
 EXTERNAL = onnx.TensorProto.EXTERNAL
 TOKEN_PREFIX = "bnfold-lazy:"
@@ -37,6 +39,8 @@ TOKEN_PREFIX = "bnfold-lazy:"
 OLD_RESERVED_PREFIX = "bnfold."
 """Keys older versions of bnfold put into stubs; a file that carries them is refused."""
 KNOWN_KEYS = frozenset({"location", "offset", "length", "checksum"})
+SCALED_KEY = "bnfold-scaled"
+"""``external_data`` key of a deferred fold (:func:`defer_scaled`): a token naming its recipe."""
 INT64_MAX = 2**63 - 1
 
 
@@ -110,6 +114,8 @@ class ExternalRef:
     length: int | None
     source: Source | None
     """Set for a typed reference made by a lazy load."""
+    scaled: ScaledWeight | None = None
+    """Set for a deferred fold: the values are this recipe applied to the bytes referenced."""
 
 
 def is_external(tensor: onnx.TensorProto) -> bool:
@@ -128,6 +134,7 @@ def _number(raw: str, key: str, tensor_name: str, where: str) -> int:
 def external_ref(tensor: onnx.TensorProto, where: str) -> ExternalRef:
     """Parse ``tensor``'s external data entries the way onnxruntime does; InputError otherwise."""
     values: dict[str, str] = {}
+    scaled = None
     for entry in tensor.external_data:
         key = entry.key
         if type(key) is bytes or type(entry.value) is bytes:  # proto2 strings are not checked
@@ -136,6 +143,11 @@ def external_ref(tensor: onnx.TensorProto, where: str) -> ExternalRef:
             )
         if key.startswith(OLD_RESERVED_PREFIX):
             raise reserved_error(tensor, where, f"key {key!r}")
+        if key == SCALED_KEY:
+            if scaled is not None or entry.value not in _SCALED:
+                raise reserved_error(tensor, where, f"key {key!r}")
+            scaled = _SCALED[entry.value]
+            continue
         if key not in KNOWN_KEYS:
             raise InputError(
                 f"{where}: tensor '{tensor.name}' has an unknown external data key {key!r} "
@@ -159,6 +171,7 @@ def external_ref(tensor: onnx.TensorProto, where: str) -> ExternalRef:
         offset=0 if offset is None else _number(offset, "offset", tensor.name, where),
         length=None if length is None else _number(length, "length", tensor.name, where),
         source=source,
+        scaled=scaled,
     )
 
 
@@ -170,8 +183,9 @@ def reserved_error(tensor: onnx.TensorProto, where: str, what: str) -> InputErro
 
 
 def stub_of(tensor: onnx.TensorProto) -> Stub | None:
-    """The typed reference of a tensor that a lazy load left in the model file."""
-    if not is_external(tensor) or tensor.HasField("raw_data"):
+    """The typed reference of a tensor that a lazy load left in the model file (not of a
+    deferred fold: its bytes there are not its values)."""
+    if not is_external(tensor) or tensor.HasField("raw_data") or scaled_of(tensor) is not None:
         return None
     for entry in tensor.external_data:
         if entry.key == "location":
@@ -182,6 +196,45 @@ def stub_of(tensor: onnx.TensorProto) -> Stub | None:
             length = ref.length if ref.length is not None else -1
             return Stub(source=source, offset=ref.offset, length=length)
     return None
+
+
+_SCALED: dict[str, ScaledWeight] = {}
+
+
+def scaled_of(tensor: onnx.TensorProto) -> ScaledWeight | None:
+    """The recipe of a deferred fold (:func:`defer_scaled`), or None."""
+    for entry in tensor.external_data:
+        if entry.key == SCALED_KEY:
+            return _SCALED.get(entry.value)
+    return None
+
+
+def defer_scaled(tensor: onnx.TensorProto, recipe: ScaledWeight, name: str) -> onnx.TensorProto | None:
+    """A tensor named ``name`` whose values are ``recipe`` applied to ``tensor``'s bytes (a stub
+    or external reference), computed when it is saved (in blocks) or read; None when that does
+    not apply (a tensor folded twice, a type the recipe does not keep, a big-endian host).
+
+    It holds what ``numpy_helper.from_array`` would write (name, dims, data type) and the
+    reference, plus one ``external_data`` entry whose token names the recipe here, in a side
+    table, like a stub's :class:`Source`: a file that carries it is refused on load.
+    """
+    if (
+        not np.little_endian
+        or scaled_of(tensor) is not None
+        or np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)) != recipe.dtype
+        or tuple(tensor.dims) != recipe.shape
+    ):
+        return None
+    out = onnx.TensorProto()
+    out.dims.extend(tensor.dims)
+    out.data_type = tensor.data_type
+    out.name = name
+    out.external_data.extend(tensor.external_data)
+    out.data_location = EXTERNAL
+    token = f"{TOKEN_PREFIX}{os.urandom(8).hex()}"
+    _SCALED[token] = recipe
+    add_entry(out, SCALED_KEY, token)
+    return out
 
 
 def is_lazy(tensor: onnx.TensorProto) -> bool:

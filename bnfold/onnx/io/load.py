@@ -249,6 +249,8 @@ def _check_tensors(
         found = payload_span(tensor, base_dir, path, files)
         if found[3].source is not None and found[3].location != token:
             raise reserved_error(tensor, path, f"location {found[3].location!r}")
+        if found[3].scaled is not None:  # a deferred fold written with onnx.save
+            raise reserved_error(tensor, path, "key 'bnfold-scaled'")
         return found
 
     if lazy:  # main-graph initializers: stubs and external references stay; small ones are cheap

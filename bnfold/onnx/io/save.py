@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import onnx
 
 from bnfold.errors import BnfoldError, InputError
+from bnfold.fold_math import ScaledWeight
 
 from .atomic import check_output, commit, create_temp, kill_point, remove_stale, terminate_as_exit
 from .datanames import choose_data_name, obsolete_data_files, old_data_files
@@ -36,12 +37,12 @@ from .external import (
     is_external,
     model_tensors,
     payload_span,
-    read_bytes,
+    scaled_of,
     set_embedded,
     source_dir_of,
     unmark_model,
 )
-from .sink import Sink
+from .sink import Sink, scaled_bytes, write_scaled
 from .wire import (
     F_GRAPH_INITIALIZER,
     F_MODEL_GRAPH,
@@ -90,6 +91,8 @@ class _Item:
     source: tuple[str, int, int] | None = None
     """(path, offset, length) of a _SOURCE payload."""
     stub: bool = False
+    scaled: ScaledWeight | None = None
+    """A deferred fold: the payload is this recipe applied to the source bytes, in blocks."""
     head: bytes = b""
     """The tensor without raw_data / external fields, serialized (not for typed-field tensors)."""
     external: bool = False
@@ -190,7 +193,7 @@ def materialize(model: onnx.ModelProto, *, base_dir: str | None = None) -> None:
     for tensor in model_tensors(model):
         if is_external(tensor) and not tensor.HasField("raw_data"):
             path, offset, length, _ = payload_span(tensor, base_dir, f"tensor '{tensor.name}'")
-            set_embedded(tensor, read_bytes(path, offset, length))
+            set_embedded(tensor, scaled_bytes(tensor, path, offset, length))
         elif is_external(tensor):
             del tensor.external_data[:]
             tensor.ClearField("data_location")
@@ -262,7 +265,7 @@ class _Writer:
                 continue
             (path, offset, length), stub = self._span(tensor)
             found = found or not stub
-            set_embedded(tensor, read_bytes(path, offset, length))
+            set_embedded(tensor, scaled_bytes(tensor, path, offset, length))
         return found
 
     def _plan_items(self) -> tuple[list[_Item], bool]:
@@ -274,7 +277,9 @@ class _Writer:
                 source, stub = self._span(tensor)
                 uses_external = uses_external or not stub
                 head = tensor_head(tensor).SerializeToString()
-                items.append(_Item(tensor, _SOURCE, source[2], source=source, stub=stub, head=head))
+                item = _Item(tensor, _SOURCE, source[2], source=source, stub=stub, head=head)
+                item.scaled = scaled_of(tensor)
+                items.append(item)
             elif external:  # onnx's half-converted state: marked external, data still in memory
                 uses_external = True
                 head = tensor_head(tensor).SerializeToString()
@@ -304,8 +309,10 @@ class _Writer:
                 item.external = False
             elif mode is True:
                 item.external = large
-            elif item.kind == _SOURCE:
+            elif item.kind == _SOURCE and item.scaled is None:
                 item.external = not item.stub
+            elif item.kind == _SOURCE:  # a deferred fold is placed as the array it stands for
+                item.external = large and uses_external
             elif item.kind == _MEMORY_RAW:
                 item.external = True
             else:  # _MEMORY, _RAW: in memory, embedded in the source model
@@ -335,7 +342,10 @@ class _Writer:
     def _payload(self, item: _Item, sink: Sink) -> None:
         if item.source is not None:
             path, offset, length = item.source
-            sink.copy_from(self._source_fd(path), offset, length)
+            if item.scaled is not None:
+                write_scaled(item.scaled, self._source_fd(path), offset, length, sink)
+            else:
+                sink.copy_from(self._source_fd(path), offset, length)
             return
         payload = item.tensor.raw_data
         _check_len(len(payload), item.payload_len, item.tensor.name)

@@ -8,11 +8,19 @@ import os
 import sys
 from collections.abc import Callable
 
+import numpy as np
+import onnx
+
 from bnfold.errors import InputError
+from bnfold.fold_math import ScaledWeight
+
+from .external import read_bytes, scaled_of
 
 COPY_CHUNK = 1 << 30
 WRITEBACK_EVERY = 32 << 20
 WRITE_BUFFER = 1 << 20
+SCALE_BLOCK = 4 << 20
+"""Bytes of a deferred fold's source read, scaled and written at a time."""
 
 
 class Sink:
@@ -122,3 +130,28 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
         write_all(dst_fd, chunk)
         offset += len(chunk)
         remaining -= len(chunk)
+
+
+def write_scaled(recipe: ScaledWeight, src_fd: int, offset: int, length: int, sink: Sink) -> None:
+    """A deferred fold's values, computed from the source bytes a block of rows at a time."""
+    rows = recipe.shape[0]
+    row_bytes = length // rows if rows else 0
+    step = max(1, SCALE_BLOCK // max(row_bytes, 1))
+    stored = recipe.dtype.newbyteorder("<")
+    for start in range(0, rows, step):
+        n = min(step, rows - start)
+        want = n * row_bytes
+        chunk = os.pread(src_fd, want, offset + start * row_bytes)
+        if len(chunk) != want:
+            raise InputError(f"source file ended early while reading at offset {offset + start * row_bytes}")
+        out = recipe.rows(np.frombuffer(chunk, dtype=stored), start)
+        sink.write(memoryview(out).cast("B"))
+
+
+def scaled_bytes(tensor: onnx.TensorProto, path: str, offset: int, length: int) -> bytes:
+    """The bytes of a stub or external tensor's values: a deferred fold computed, else as stored."""
+    data = read_bytes(path, offset, length)
+    recipe = scaled_of(tensor)
+    if recipe is None:
+        return data
+    return recipe.apply(np.frombuffer(data, dtype=recipe.dtype.newbyteorder("<"))).tobytes()

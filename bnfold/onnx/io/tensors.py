@@ -177,7 +177,7 @@ def read_array(tensor: onnx.TensorProto, base_dir: str | None = None) -> np.ndar
 def _read_external(tensor: onnx.TensorProto, base_dir: str | None, where: str) -> np.ndarray:
     if tensor.data_type == onnx.TensorProto.STRING:
         raise InputError(f"{where}: a string tensor, which cannot be stored externally")
-    path, offset, length, _ = payload_span(tensor, base_dir, where)
+    path, offset, length, ref = payload_span(tensor, base_dir, where)
     dtype = tensor_dtype(tensor, where)
     shape = tuple(int(d) for d in tensor.dims)
     count = element_count(tensor, where)
@@ -193,4 +193,6 @@ def _read_external(tensor: onnx.TensorProto, base_dir: str | None, where: str) -
         raise InputError(f"{path}: ended before the {length} bytes of {where} at offset {offset}")
     if stored is not dtype:  # pragma: no cover - big-endian hosts
         array = array.astype(dtype)
+    if ref.scaled is not None:  # a deferred fold: its values are computed from these bytes
+        return ref.scaled.apply(array)
     return array.reshape(shape)

@@ -1,0 +1,126 @@
+"""The streaming fold (issue 14): a fold into a weight whose bytes are in a file is decided on a
+read pass and computed while saving, in blocks. Its output must be bit-identical to the fold
+computed in memory (``fold_math.scale_weight_exact``, then a new TensorProto), which these
+tests run side by side on the same files: the zoo, the converter models, with weights embedded
+(every tensor a lazy stub) and in external data files."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from bnfold import fold_math
+from bnfold.api import fold_path
+from bnfold.errors import InputError
+from bnfold.onnx.io import load, load_model, materialize, read_array, save_model, scaled_of
+
+registry = pytest.importorskip("models.registry")
+pytest.importorskip("torch")
+
+NAMES = registry.names(large=False) + registry.converter_names()
+DEFERS = {
+    "resnet-basic",
+    "resnet-bottleneck",
+    "mobilenetv2",
+    "densenet",
+    "unet",
+    "conv1d-audio",
+    "conv3d-video",
+}
+"""Models whose Conv folds must take the deferred path (the test proves something)."""
+
+
+def _files(folder: str) -> dict[str, bytes]:
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def _fold(src: str, folder: str) -> tuple[dict[str, bytes], object]:
+    os.makedirs(folder)
+    result = fold_path(src, os.path.join(folder, "out.onnx"), verify=False)
+    return _files(folder), result
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Each model as a file with embedded weights and as one with every tensor in a data file."""
+    root = tmp_path_factory.mktemp("streaming")
+    made = {}
+    for name in NAMES:
+        model = onnx.load(str(registry.build_onnx(name)))
+        embedded = root / f"{name}.onnx"
+        onnx.save(model, str(embedded))
+        external = root / f"{name}-ext" / "model.onnx"
+        external.parent.mkdir()
+        onnx.save(model, str(external), save_as_external_data=True, location="w.bin", size_threshold=0)
+        made[name] = (str(embedded), str(external))
+    return made
+
+
+@pytest.mark.parametrize("layout", ["embedded", "external"])
+@pytest.mark.parametrize("name", NAMES, ids=NAMES)
+def test_streaming_fold_is_bit_identical_to_the_in_memory_fold(name, layout, sources, tmp_path, monkeypatch):
+    """Without the deferred path's exact decisions and block arithmetic, a weight would differ
+    in a last bit, a fold refused in memory would be taken (or the reverse), or the layout of the
+    file (embedded / external, offsets) would change."""
+    src = sources[name][0 if layout == "embedded" else 1]
+    monkeypatch.setattr(load, "LAZY_THRESHOLD", 0)  # every embedded payload a stub: all deferrable
+    streamed, result = _fold(src, str(tmp_path / "stream"))
+    deferred = [t.name for t in result.model.graph.initializer if scaled_of(t) is not None]
+    monkeypatch.setattr(fold_math, "scale_weight_planned", fold_math.scale_weight_exact)
+    eager, reference = _fold(src, str(tmp_path / "eager"))
+    assert result.report == reference.report
+    assert streamed.keys() == eager.keys()
+    for file_name in streamed:
+        assert streamed[file_name] == eager[file_name], file_name
+    assert not any(scaled_of(t) is not None for t in reference.model.graph.initializer)
+    if name in DEFERS:
+        assert deferred, "no fold was deferred"
+
+
+def test_deferred_tensor_reads_materializes_and_resaves_as_its_folded_values(sources, tmp_path, monkeypatch):
+    """A deferred tensor is read (read_array), embedded (materialize) and saved again with the
+    folded values, never the original bytes it points at."""
+    monkeypatch.setattr(load, "LAZY_THRESHOLD", 0)
+    src = sources["resnet-basic"][1]
+    result = fold_path(src, str(tmp_path / "a.onnx"), verify=False)
+    model = result.model
+    deferred = [t for t in model.graph.initializer if scaled_of(t) is not None]
+    assert deferred
+    written = load_model(str(tmp_path / "a.onnx"))
+    by_name = {t.name: t for t in written.graph.initializer}
+    original = {t.name: t for t in load_model(src).graph.initializer}
+    base = os.path.dirname(src)
+    for t in deferred:
+        np.testing.assert_array_equal(read_array(t, base), read_array(by_name[t.name]))
+        unfolded = read_array(original[t.name.rsplit("_bnfold", 1)[0]])
+        assert not np.array_equal(read_array(t, base), unfolded)
+    save_model(model, str(tmp_path / "b.onnx"), external_data=False)
+    again = load_model(str(tmp_path / "b.onnx"))
+    for t in again.graph.initializer:
+        np.testing.assert_array_equal(read_array(t), read_array(by_name[t.name]))
+    materialize(model)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    for t in model.graph.initializer:
+        np.testing.assert_array_equal(read_array(t), read_array(by_name[t.name]))
+
+
+def test_deferred_fold_saved_with_onnx_save_is_refused(sources, tmp_path, monkeypatch):
+    """A model holding a deferred fold written by onnx.save points at the unfolded bytes: loading
+    it must fail, not silently give the unfolded weights."""
+    monkeypatch.setattr(load, "LAZY_THRESHOLD", 0)
+    src = sources["resnet-basic"][1]
+    model = fold_path(src, str(tmp_path / "a.onnx"), verify=False).model
+    leaked = os.path.join(os.path.dirname(src), "leaked.onnx")
+    onnx.save(model, leaked)
+    try:
+        with pytest.raises(InputError, match="bnfold"):
+            load_model(leaked)
+    finally:
+        os.remove(leaked)
