@@ -4,6 +4,8 @@ noise fail at the right channel, and fold points it cannot model are left to the
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -167,3 +169,32 @@ def test_weights_are_read_from_external_data_of_model_paths(rng, tmp_path):
         paths.append(path)
     report = verify(*paths)
     assert report.status is VerifyStatus.PASSED and len(report.weights) == 1 and report.weights[0].passed
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+def test_weights_checked_in_row_blocks_report_as_one_block(rng, layout, monkeypatch):
+    """The check runs over blocks of axis-0 rows (never a float64 copy of a whole weight): with
+    one row (one group of a grouped ConvTranspose) per block it reports the very same figures,
+    and a wrong channel fails with the same count, whichever block holds it."""
+    import importlib
+
+    weights = importlib.import_module("bnfold.verify.weights")
+    ref = conv_bn(rng, eps=1e-5, **LAYOUTS[layout]).model()
+    folded = fold_onnx(ref).model
+    node = absorber(folded)
+    weight = initializer(folded, node.input[1])
+    dtype = weight.dtype
+    index = (slice(2, 4), 1) if layout == "convtranspose-groups" else (slice(None), 4)  # channel 4
+    weight[index if node.op_type == "ConvTranspose" else (4,)] *= dtype.type(1.03)
+    weight.reshape(-1)[0] *= dtype.type(1.03)
+    bad = onnx.ModelProto()
+    bad.CopyFrom(folded)
+    replace(bad, node.input[1], weight)
+    whole = [weights.check_weights(ref, m) for m in (folded, bad)]
+    monkeypatch.setattr(weights, "BLOCK_ELEMENTS", 1)
+    blocked = [weights.check_weights(ref, m) for m in (folded, bad)]
+    for (b,), (w,) in zip(blocked, whole):  # the mean sums in another order: equal to rounding
+        assert dataclasses.replace(b.diff, mean_abs=w.diff.mean_abs) == w.diff and b.problem == w.problem
+        assert b.diff.mean_abs == pytest.approx(w.diff.mean_abs, rel=1e-12)
+    (good,), (wrong,) = whole
+    assert good.diff.passed and not wrong.diff.passed and wrong.diff.mismatched > 1
