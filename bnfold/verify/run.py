@@ -352,11 +352,14 @@ def _execute(
     more with the overridable initializers perturbed (the outputs must still agree: a sentence
     saying how they do not, or "").
 
-    Three phases, so that at most two models' weights are resident at once: the candidate once
-    at ``ORT_ENABLE_ALL`` (does it load there: ``candidate_runs_optimized``); the reference at
-    ``ORT_DISABLE_ALL`` and at ``CALIBRATION_LEVEL``, where onnxruntime folds Conv+BN itself,
-    whose difference is the noise a correct fold makes at each tensor (kept per channel,
-    :mod:`bnfold.verify.compare`); then the reference and the candidate, compared.
+    Three phases, each session alone or with its comparison partner, so that at most two
+    models' weights are resident at once: the candidate once at ``ORT_ENABLE_ALL`` (does it load
+    there: ``candidate_runs_optimized``); the reference on every sample at ``CALIBRATION_LEVEL``,
+    where onnxruntime folds Conv+BN itself (its fetched tensors kept: one sample's activations
+    per sample); then the reference and the candidate at ``ORT_DISABLE_ALL``, compared, the
+    reference's difference from its calibration run being the noise a correct fold makes at each
+    tensor (per channel, :mod:`bnfold.verify.compare`). Each model runs once per sample at
+    ``ORT_DISABLE_ALL``.
     """
     ref_extra, cand_extra = plan.fetch()
     ref_names = [o.name for o in ref.graph.output] + [v.name for v in ref_extra]
@@ -373,13 +376,19 @@ def _execute(
         notes.append(f"at ORT_ENABLE_ALL: {e}")
     release_memory()
     step(f"verifying: calibrating (the reference at {CALIBRATION_LEVEL})")
-    ref_sess = session(ref, ref_extra, "ORT_DISABLE_ALL")
     override = [{**feeds[0], **plan.overrides}] if plan.overrides else []
-    noise = _calibrate(ref, ref_sess, ref_extra, [*feeds, *override], ref_names, outputs, notes)
+    calibration = _calibration_runs(ref, ref_extra, [*feeds, *override], ref_names, notes)
     release_memory()
-    fields["calibrated"] = noise is not None
-    noises = noise or [{}] * (len(feeds) + len(override))
+    fields["calibrated"] = calibration is not None
+    ref_sess = session(ref, ref_extra, "ORT_DISABLE_ALL")
     cand_sess = session(cand, cand_extra, "ORT_DISABLE_ALL")
+
+    def noise(i: int, name: str, values: np.ndarray) -> Any:
+        """Sample ``i``'s noise at the reference's tensor ``name`` (None when not calibrated)."""
+        if calibration is None or name not in calibration[i]:
+            return None
+        return noise_of(values, calibration[i][name], "output" if name in outputs else "intermediate")
+
     stats: list[TensorStats] = []
     for i, (feed, cand_feed) in enumerate(zip(feeds, cand_feeds)):
         step(f"verifying: sample {i + 1}/{len(feeds)}")
@@ -391,7 +400,7 @@ def _execute(
                 for p in plan.pick(r, c)
             ]
         for s in stats:
-            s.add(r[s.name], c[s.cand_name], noises[i].get(s.name))
+            s.add(r[s.name], c[s.cand_name], noise(i, s.name, r[s.name]))
     ignored = ""
     if override:
         outs = [p for p in plan.pairs if p.kind == "output"]
@@ -399,7 +408,7 @@ def _execute(
         c = dict(zip(cand_names, run(cand_sess, cand, {**cand_feeds[0], **plan.overrides})))
         checks = [TensorStats(p.ref, "output", *tolerances) for p in outs]
         for s, p in zip(checks, outs):
-            s.add(r[p.ref], c[p.cand], noises[-1].get(p.ref))
+            s.add(r[p.ref], c[p.cand], noise(len(feeds), p.ref, r[p.ref]))
         bad = [s.result() for s in checks if not s.result().passed]
         if bad:
             ignored = (
@@ -410,29 +419,22 @@ def _execute(
     return stats, ignored
 
 
-def _calibrate(
+def _calibration_runs(
     ref: OrtModel,
-    ref_sess: Any,
     ref_extra: Sequence[onnx.ValueInfoProto],
     feeds: Sequence[Mapping[str, np.ndarray]],
     names: Sequence[str],
-    outputs: set[str],
     notes: list[str],
-) -> list[dict[str, Any]] | None:
-    """Per sample, the noise of every fetched reference tensor (None when not calibrated)."""
+) -> list[dict[str, np.ndarray]] | None:
+    """The reference's float tensors at ``CALIBRATION_LEVEL``, per sample (None when it does not
+    load or run there). Run alone, before the comparison sessions: its own folded copy of the
+    weights (2x the weights) is never resident beside theirs."""
     try:
-        calib_sess = session(ref, ref_extra, CALIBRATION_LEVEL)
-        noise = []
+        sess = session(ref, ref_extra, CALIBRATION_LEVEL)
+        runs = []
         for feed in feeds:
-            r = run(ref_sess, ref, feed)
-            k = run(calib_sess, ref, feed)
-            noise.append(
-                {
-                    n: noise_of(a, b, "output" if n in outputs else "intermediate")
-                    for n, a, b in zip(names, r, k)
-                }
-            )
-        return noise
+            runs.append({n: a for n, a in zip(names, run(sess, ref, feed)) if a.dtype.kind in "fc"})
+        return runs
     except NotRun as e:
         notes.append(f"tolerances not calibrated: {e}")
         return None
