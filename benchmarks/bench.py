@@ -5,9 +5,11 @@ Usage (from the repository root, with the ``bench`` extra installed)::
     python benchmarks/bench.py                      # large-100/250/500 + small zoo models
     python benchmarks/bench.py --huge               # also the 2.5 GB external-data model
     python benchmarks/bench.py --models large-100 --repeat 5 --json out.json
+    python benchmarks/bench.py --models "" --pairs 1000,10000,50000   # scaling in node count
 
 Every measured command runs as its own process, started from this script: whole-process wall
-time (interpreter start and imports included) and that process's own peak RSS (``os.wait4``).
+time (interpreter start and imports included), its CPU time (user + system, less sensitive to
+a loaded machine) and that process's own peak RSS (``os.wait4``).
 Runs are interleaved -- repeat 1 runs every tool once, then repeat 2... in a rotating order --
 and each run starts after ``os.sync()`` so no tool pays for another's dirty pages. Medians are
 reported. Each output is then checked once: BatchNormalization left, nodes, bytes on disk, and
@@ -393,6 +395,8 @@ class Run:
     ok: bool
     detail: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    cpu: float = 0.0
+    """User + system CPU seconds of the process (less sensitive to a loaded machine than wall time)."""
 
 
 _LAUNCHER = """
@@ -403,7 +407,8 @@ pid = os.posix_spawnp(argv[0], argv, os.environ)
 _, status, usage = os.wait4(pid, 0)
 seconds = time.perf_counter() - start
 with open(report, "w") as f:
-    json.dump({"seconds": seconds, "max_rss": usage.ru_maxrss * 1024, "code": os.waitstatus_to_exitcode(status)}, f)
+    json.dump({"seconds": seconds, "cpu": usage.ru_utime + usage.ru_stime, "max_rss": usage.ru_maxrss * 1024,
+               "code": os.waitstatus_to_exitcode(status)}, f)
 """
 """A small process that starts the measured one and reports its wall time and peak RSS.
 
@@ -445,7 +450,7 @@ def run_process(argv: list[str], *, timeout: float, cwd: Path = ROOT) -> Run:
             detail = json.loads(line[len("BENCH-RESULT ") :])
     ok = measured["code"] == 0
     error = "" if ok else _last_line(stderr or stdout) or f"exit {measured['code']}"
-    return Run(measured["seconds"], measured["max_rss"], ok, detail, error)
+    return Run(measured["seconds"], measured["max_rss"], ok, detail, error, measured.get("cpu", 0.0))
 
 
 def _child_env() -> dict[str, str]:
@@ -556,6 +561,96 @@ def model_path(name: str) -> str:
     return str(registry.build_onnx(name))
 
 
+def pairs_model(pairs: int, folder: str, *, channels: int = 8, seed: int = 0) -> str:
+    """A chain of ``pairs`` Conv(3x3) -> BatchNormalization -> Relu blocks on ``channels``
+    channels: a graph whose size is its node count, not its weights (written once, kept)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = os.path.join(folder, f"pairs-{pairs}-c{channels}-s{seed}.onnx")
+    if os.path.exists(path):
+        return path
+    rng = np.random.default_rng(seed)
+    c = channels
+    graph = helper.make_graph(
+        [], "pairs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 8, 8])], []
+    )
+    x = "x"
+    for i in range(pairs):
+        w = (rng.standard_normal((c, c, 3, 3)) * 0.1).astype(np.float32)
+        stats = [
+            rng.uniform(0.5, 1.5, c),
+            rng.uniform(-0.5, 0.5, c),
+            rng.uniform(-0.5, 0.5, c),
+            rng.uniform(0.5, 2.0, c),
+        ]
+        names = [f"conv{i}.w"] + [f"bn{i}.{k}" for k in ("scale", "bias", "mean", "var")]
+        graph.initializer.append(numpy_helper.from_array(w, names[0]))
+        for name, v in zip(names[1:], stats):
+            graph.initializer.append(numpy_helper.from_array(v.astype(np.float32), name))
+        graph.node.extend(
+            [
+                helper.make_node("Conv", [x, names[0]], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+                helper.make_node("BatchNormalization", [f"c{i}", *names[1:]], [f"b{i}"], name=f"bn{i}"),
+                helper.make_node("Relu", [f"b{i}"], [f"r{i}"], name=f"relu{i}"),
+            ]
+        )
+        x = f"r{i}"
+    graph.output.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, c, 8, 8]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    tmp = path + f".{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(model.SerializeToString())
+    os.replace(tmp, path)
+    return path
+
+
+def bench_pairs(
+    counts: Sequence[int], *, workdir: str, timeout: float, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """bnfold's lazy load, fold and save (timed inside the process, imports excluded) on Conv+BN
+    chains of each length: linear in node count means a constant time per pair."""
+    cache = str(ROOT / "models" / ".cache")
+    os.makedirs(cache, exist_ok=True)
+    out = []
+    for n in counts:
+        src = pairs_model(n, cache)
+        dst = os.path.join(workdir, f"pairs-{n}.onnx")
+        _remove_output(dst)
+        os.sync()
+        run = run_process(child_argv("bnfold-phases", src, dst), timeout=timeout)
+        _remove_output(dst)
+        log(
+            f"  pairs-{n}: {run.seconds:.2f} s, cpu {run.cpu:.2f} s, {run.max_rss / MB:.0f} MB"
+            + ("" if run.ok else f"  FAILED: {run.error}")
+        )
+        out.append({"pairs": n, "bytes": os.path.getsize(src), **asdict(run)})
+    return out
+
+
+def pairs_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "",
+        "### Scaling in node count: Conv -> BN -> Relu chains (8 channels), no verification",
+        "",
+        (
+            "| Conv+BN pairs | size MB | load s | fold s | save s | load+fold+save µs per pair "
+            "| process wall s | process CPU s | peak RSS MB |"
+        ),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ph = r["detail"] if r["ok"] else {}
+        work = sum(ph.get(k, 0.0) for k in ("load", "fold", "save"))
+        per = f"{work / r['pairs'] * 1e6:.0f}" if ph else "–"
+        lines.append(
+            f"| {r['pairs']} | {_fmt_size(r['bytes'])} | {_fmt_s(ph.get('load'))} | {_fmt_s(ph.get('fold'))} "
+            f"| {_fmt_s(ph.get('save'))} | {per} | {_fmt_s(r['seconds'] if r['ok'] else None)} "
+            f"| {_fmt_s(r['cpu'] if r['ok'] else None)} | {_fmt_mb(r['max_rss'] if r['ok'] else None)} |"
+        )
+    return "\n".join(lines)
+
+
 def bench_model(
     name: str,
     path: str,
@@ -616,6 +711,7 @@ def bench_model(
         if good:
             entry["seconds"] = statistics.median(x.seconds for x in good)
             entry["max_rss"] = max(x.max_rss for x in good)
+            entry["cpu"] = statistics.median(x.cpu for x in good)
             keys = set().union(*(x.detail for x in good))
             entry["phases"] = {k: statistics.median(x.detail[k] for x in good if k in x.detail) for k in keys}
         if tool.evaluate and entry["ok"] and os.path.exists(outputs[tool.name]):
@@ -695,6 +791,24 @@ def markdown(
             f"| {_fmt_s(phases.get('fold'))} | {_fmt_s((res.get('verify') or {}).get('seconds'))} "
             f"| {_fmt_mb(t['onnx load+save'].get('max_rss'))} | {_fmt_mb(t['bnfold'].get('max_rss'))} "
             f"| {_fmt_mb(rss)} | {_ratio(rss, res['bytes']) if res['bytes'] >= 50 * MB else '–'} |"
+        )
+    lines += [
+        "",
+        "### CPU time (user + system, whole process; less sensitive to a loaded machine)",
+        "",
+        (
+            "| model | cp s | onnx load+save s | bnfold s | bnfold / load+save | bnfold / cp | fold_path s "
+            "| fold_path / load+save |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for res in results:
+        t = res["tools"]
+        cpu = {k: (v.get("cpu") if v.get("ok") else None) for k, v in t.items()}
+        rt, bn, fp = cpu["onnx load+save"], cpu["bnfold"], cpu["bnfold fold_path"]
+        lines.append(
+            f"| {res['model']} | {_fmt_s(cpu['cp'])} | {_fmt_s(rt)} | {_fmt_s(bn)} | {_ratio(bn, rt)} "
+            f"| {_ratio(bn, cpu['cp'])} | {_fmt_s(fp)} | {_ratio(fp, rt)} |"
         )
     lines += [
         "",
@@ -862,6 +976,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per process before it is killed")
     parser.add_argument("--workdir", default=None, help="where outputs go (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="also write every measurement to this file")
+    parser.add_argument(
+        "--pairs", default="", help="comma-separated Conv+BN chain lengths to time (e.g. 1000,10000,50000)"
+    )
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -878,7 +995,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = args.workdir or tempfile.mkdtemp(prefix="bnfold-bench-")
     os.makedirs(workdir, exist_ok=True)
     results = []
+    pair_rows: list[dict[str, Any]] = []
     try:
+        counts = [int(n) for n in args.pairs.split(",") if n]
+        if counts:
+            log("scaling in node count ...")
+            pair_rows = bench_pairs(counts, workdir=workdir, timeout=args.timeout, log=log)
         for name in names:
             log(f"building/locating {name} ...")
             path = model_path(name)
@@ -891,10 +1013,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     info = machine()
-    print(markdown(results, info, missing, args.repeat))
+    if results:
+        print(markdown(results, info, missing, args.repeat))
+    if pair_rows:
+        print(pairs_markdown(pair_rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "missing_peers": missing, "results": results}, f, indent=1)
+            json.dump(
+                {"machine": info, "missing_peers": missing, "results": results, "pairs": pair_rows},
+                f,
+                indent=1,
+            )
     return 0
 
 
