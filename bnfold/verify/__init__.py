@@ -4,6 +4,7 @@
 - :mod:`~bnfold.verify.inputs`: the inputs both models are fed (seeded draws, ``.npz``, ``.pb``).
 - :mod:`~bnfold.verify.models`: loading the models into onnxruntime sessions.
 - :mod:`~bnfold.verify.compare`: the metric, the default tolerances, where divergence starts.
+- :mod:`~bnfold.verify.calibrate`: the reference's second run, the noise a correct fold makes.
 - :mod:`~bnfold.verify.weights`: the static check of each fold point's weights.
 - :mod:`~bnfold.verify.run`: :func:`verify` itself.
 - :mod:`~bnfold.verify.rollback`: fold, verify, revert the folds that diverge, verify again.

@@ -3,7 +3,7 @@
 Both models run on onnxruntime's CPUExecutionProvider at ``ORT_DISABLE_ALL``: at any higher
 level onnxruntime fuses Conv+BatchNormalization itself, and the reference would be a folded
 model too. The reference also runs at ``ORT_ENABLE_BASIC`` to calibrate the tolerances
-(:mod:`bnfold.verify.compare`), and the candidate once at ``ORT_ENABLE_ALL``
+(:mod:`bnfold.verify.calibrate`, :mod:`bnfold.verify.compare`), and the candidate once at ``ORT_ENABLE_ALL``
 (``candidate_runs_optimized``). Sessions of a model file are built from a weightless copy whose
 initializers are external references into the file (onnxruntime maps them; no copy of the
 weights passes through Python), with weight pre-packing off.
@@ -47,7 +47,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..report import InputSpec, VerifyReport, VerifyStatus
-from .compare import TensorStats, failure_summary, first_divergent, in_graph_order, noise_of
+from .calibrate import CALIBRATION_LEVEL, calibrate
+from .compare import TensorStats, failure_summary, first_divergent, in_graph_order
 from .correspond import Pair, alias_candidates, output_pairs, pick_aliases, shared_by_name
 from .inputs import (
     InputDecl,
@@ -179,11 +180,6 @@ def _feeds(
         raise NotRun("onnxruntime's Python API cannot pass bfloat16 tensors")
     return feeds, notes
 
-
-CALIBRATION_LEVEL = "ORT_ENABLE_BASIC"
-"""The level of the reference's second run, whose difference from the first calibrates tolerances:
-basic folds Conv+BN and constants (a correct fold) at half the memory of ``ORT_ENABLE_ALL``
-(+2x against +4x the weights on large-100), whose layout changes only add noise."""
 
 BIND_SIZES = (16, 32, 64, 8, 128, 224, 4, 3)
 """Sizes tried, in order, for a symbolic dimension nothing fixes (1 is never tried: it broadcasts)."""
@@ -352,19 +348,16 @@ def _execute(
     more with the overridable initializers perturbed (the outputs must still agree: a sentence
     saying how they do not, or "").
 
-    Three phases, each session alone or with its comparison partner, so that at most two
-    models' weights are resident at once: the candidate once at ``ORT_ENABLE_ALL`` (does it load
-    there: ``candidate_runs_optimized``); the reference on every sample at ``CALIBRATION_LEVEL``,
-    where onnxruntime folds Conv+BN itself (its fetched tensors kept: one sample's activations
-    per sample); then the reference and the candidate at ``ORT_DISABLE_ALL``, compared, the
-    reference's difference from its calibration run being the noise a correct fold makes at each
-    tensor (per channel, :mod:`bnfold.verify.compare`). Each model runs once per sample at
-    ``ORT_DISABLE_ALL``.
+    Three phases, so that at most two models' weights are resident at once: the candidate once
+    at ``ORT_ENABLE_ALL`` (does it load there: ``candidate_runs_optimized``); the reference on
+    every sample at ``CALIBRATION_LEVEL`` (:mod:`bnfold.verify.calibrate`: the noise a correct
+    fold makes at each tensor); then the reference and the candidate at ``ORT_DISABLE_ALL``,
+    compared.
     """
     ref_extra, cand_extra = plan.fetch()
     ref_names = [o.name for o in ref.graph.output] + [v.name for v in ref_extra]
     cand_names = [o.name for o in cand.graph.output] + [v.name for v in cand_extra]
-    outputs = {o.name for o in ref.graph.output}
+    outputs = frozenset(o.name for o in ref.graph.output)
     ref.prepare(tmp)
     cand.prepare(tmp)
     step("verifying: the candidate at ORT_ENABLE_ALL")
@@ -377,17 +370,12 @@ def _execute(
     release_memory()
     step(f"verifying: calibrating (the reference at {CALIBRATION_LEVEL})")
     override = [{**feeds[0], **plan.overrides}] if plan.overrides else []
-    calibration = _calibration_runs(ref, ref_extra, [*feeds, *override], ref_names, notes)
+    calibration = calibrate(ref, ref_extra, [*feeds, *override], ref_names, outputs, notes)
     release_memory()
-    fields["calibrated"] = calibration is not None
-    ref_sess = session(ref, ref_extra, "ORT_DISABLE_ALL")
+    fields["calibrated"] = calibration.calibrated
+    ref_sess = calibration.reference_session or session(ref, ref_extra, "ORT_DISABLE_ALL")
     cand_sess = session(cand, cand_extra, "ORT_DISABLE_ALL")
-
-    def noise(i: int, name: str, values: np.ndarray) -> Any:
-        """Sample ``i``'s noise at the reference's tensor ``name`` (None when not calibrated)."""
-        if calibration is None or name not in calibration[i]:
-            return None
-        return noise_of(values, calibration[i][name], "output" if name in outputs else "intermediate")
+    noise = calibration.noise
 
     stats: list[TensorStats] = []
     for i, (feed, cand_feed) in enumerate(zip(feeds, cand_feeds)):
@@ -417,27 +405,6 @@ def _execute(
                 "does not use them as the reference does"
             )
     return stats, ignored
-
-
-def _calibration_runs(
-    ref: OrtModel,
-    ref_extra: Sequence[onnx.ValueInfoProto],
-    feeds: Sequence[Mapping[str, np.ndarray]],
-    names: Sequence[str],
-    notes: list[str],
-) -> list[dict[str, np.ndarray]] | None:
-    """The reference's float tensors at ``CALIBRATION_LEVEL``, per sample (None when it does not
-    load or run there). Run alone, before the comparison sessions: its own folded copy of the
-    weights (2x the weights) is never resident beside theirs."""
-    try:
-        sess = session(ref, ref_extra, CALIBRATION_LEVEL)
-        runs = []
-        for feed in feeds:
-            runs.append({n: a for n, a in zip(names, run(sess, ref, feed)) if a.dtype.kind in "fc"})
-        return runs
-    except NotRun as e:
-        notes.append(f"tolerances not calibrated: {e}")
-        return None
 
 
 def _weights(ref: OrtModel, cand: OrtModel, atol: float | None, rtol: float | None) -> list[WeightCheck]:

@@ -109,3 +109,28 @@ def test_noise_is_zero_where_both_runs_agree():
 def test_onnx_checker_accepts_the_noise_models(rng):
     for build, _ in SHAPES.values():
         onnx.checker.check_model(build(rng).model(), full_check=True)
+
+
+@pytest.mark.parametrize("budget", [0.0, float("inf")], ids=["noise-at-once", "tensors-kept"])
+def test_calibration_kept_or_computed_at_once_gives_the_same_verdict(rng, budget, monkeypatch):
+    """The calibration run's tensors are kept for the comparison only while they take less memory
+    than the weights (else both reference sessions live together and the noise is computed at
+    once): the two ways measure the very same noise, tensor by tensor."""
+    calibrate = importlib.import_module("bnfold.verify.calibrate")
+    run = importlib.import_module("bnfold.verify.run")
+    g = yolo_head(rng, width=64, depth=6)
+    model = g.model()
+    folded = fold_onnx(model).model
+    baseline = verify(model, folded)
+    made = []
+    monkeypatch.setattr(calibrate, "KEEP_BUDGET", budget)
+    monkeypatch.setattr(run, "calibrate", lambda *a: made.append(calibrate.calibrate(*a)) or made[-1])
+    v = verify(model, folded)
+    (cal,) = made
+    assert (cal.kept is None) == (budget == 0.0) and (cal.noises is None) == (budget != 0.0)
+    assert v.passed and v.calibrated
+    key = [(d.name, d.noise, d.max_rel, d.passed) for d in (*v.outputs, *v.intermediates)]
+    assert key == [
+        (d.name, d.noise, d.max_rel, d.passed) for d in (*baseline.outputs, *baseline.intermediates)
+    ]
+    assert any(d.noise > 0 for d in v.intermediates)
