@@ -27,7 +27,10 @@ Steps
 
 Limits
     Every compared intermediate becomes a graph output, so onnxruntime keeps them all alive:
-    memory grows with the activations of one sample (``intermediates=False`` avoids it).
+    memory grows with the activations of one sample (``intermediates=False`` avoids it), and
+    the calibration keeps those of every sample while they weigh less than the weights
+    (:mod:`bnfold.verify.calibrate`). Peak memory: about twice the model's weights (large-500:
+    2.2x the file) plus the fetched activations; the weights check adds a few MB.
     Tensors inside If/Loop bodies, bfloat16 intermediates and tensors of unknown type are not
     compared; fold points inside subgraphs, behind Reshape/Flatten, and bfloat16 weights are
     not checked statically.

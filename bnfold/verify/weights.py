@@ -296,7 +296,7 @@ def _weight_error(
         den = np.abs(exp)
         err = np.subtract(w_new[r0:r1], exp, out=exp, dtype=np.float64)
         np.abs(err, out=err)
-        out.max_abs = max(out.max_abs, float(err.max(initial=0.0)))
+        out.max_abs = float(np.maximum(out.max_abs, err.max(initial=0.0)))  # NaN propagates
         out.sum_abs += float(err.sum())
         rel = np.divide(err, np.maximum(den, tiny, out=den), out=den)
         per = _per_channel(rel, axis, n_groups)
