@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[torch,dev]'
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[torch,dev,bench]'
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?
