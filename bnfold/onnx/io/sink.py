@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import mmap
 import os
 import sys
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from bnfold.errors import InputError
 from bnfold.fold_math import ScaledWeight
 
 from .external import read_bytes, scaled_of
+from .wire import release_pages
 
 COPY_CHUNK = 1 << 30
 WRITEBACK_EVERY = 32 << 20
@@ -133,19 +135,34 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
 
 
 def write_scaled(recipe: ScaledWeight, src_fd: int, offset: int, length: int, sink: Sink) -> None:
-    """A deferred fold's values, computed from the source bytes a block of rows at a time."""
+    """A deferred fold's values, computed from the source bytes a block of rows at a time.
+
+    The source is mapped, not read: the multiply reads the page cache directly, and the pages
+    of each finished block are unmapped again, so memory stays one block whatever the tensor.
+    """
     rows = recipe.shape[0]
     row_bytes = length // rows if rows else 0
-    step = max(1, SCALE_BLOCK // max(row_bytes, 1))
+    if not row_bytes:
+        return
+    step = max(1, SCALE_BLOCK // row_bytes)
     stored = recipe.dtype.newbyteorder("<")
-    for start in range(0, rows, step):
-        n = min(step, rows - start)
-        want = n * row_bytes
-        chunk = os.pread(src_fd, want, offset + start * row_bytes)
-        if len(chunk) != want:
-            raise InputError(f"source file ended early while reading at offset {offset + start * row_bytes}")
-        out = recipe.rows(np.frombuffer(chunk, dtype=stored), start)
-        sink.write(memoryview(out).cast("B"))
+    start_map = offset - offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        mm = mmap.mmap(src_fd, offset + length - start_map, access=mmap.ACCESS_READ, offset=start_map)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot map the source of a folded tensor at offset {offset} ({err})") from None
+    released = 0
+    try:
+        for start in range(0, rows, step):
+            n = min(step, rows - start)
+            at = offset - start_map + start * row_bytes
+            block = np.frombuffer(mm, dtype=stored, count=n * row_bytes // stored.itemsize, offset=at)
+            out = recipe.rows(block, start)
+            del block  # no view may outlive the mapping
+            sink.write(memoryview(out).cast("B"))
+            released = release_pages(mm, released, at + n * row_bytes)
+    finally:
+        mm.close()
 
 
 def scaled_bytes(tensor: onnx.TensorProto, path: str, offset: int, length: int) -> bytes:
