@@ -15,7 +15,8 @@ import pytest
 from bnfold import fold_math
 from bnfold.api import fold_path
 from bnfold.errors import InputError
-from bnfold.onnx.io import load, load_model, materialize, read_array, save_model, scaled_of
+from bnfold.onnx.io import load, load_model, materialize, read_array, save_model, scaled_of, sink
+from conftest import bn_stats
 
 registry = pytest.importorskip("models.registry")
 pytest.importorskip("torch")
@@ -63,14 +64,17 @@ def sources(tmp_path_factory):
     return made
 
 
-@pytest.mark.parametrize("layout", ["embedded", "external"])
+@pytest.mark.parametrize("layout", ["embedded", "external", "external-row-blocks"])
 @pytest.mark.parametrize("name", NAMES, ids=NAMES)
 def test_streaming_fold_is_bit_identical_to_the_in_memory_fold(name, layout, sources, tmp_path, monkeypatch):
     """Without the deferred path's exact decisions and block arithmetic, a weight would differ
     in a last bit, a fold refused in memory would be taken (or the reverse), or the layout of the
-    file (embedded / external, offsets) would change."""
+    file (embedded / external, offsets) would change. ``row-blocks``: one row per block, so that
+    every tensor is computed in many blocks (grouped ConvTranspose rows included)."""
     src = sources[name][0 if layout == "embedded" else 1]
     monkeypatch.setattr(load, "LAZY_THRESHOLD", 0)  # every embedded payload a stub: all deferrable
+    if layout == "external-row-blocks":
+        monkeypatch.setattr(sink, "SCALE_BLOCK", 1)
     streamed, result = _fold(src, str(tmp_path / "stream"))
     deferred = [t.name for t in result.model.graph.initializer if scaled_of(t) is not None]
     monkeypatch.setattr(fold_math, "scale_weight_planned", fold_math.scale_weight_exact)
@@ -124,3 +128,51 @@ def test_deferred_fold_saved_with_onnx_save_is_refused(sources, tmp_path, monkey
             load_model(leaked)
     finally:
         os.remove(leaked)
+
+
+def _conv_bn(dtype: np.dtype, rng: np.random.Generator, *, overflow: bool = False) -> onnx.ModelProto:
+    from onnx import helper, numpy_helper
+
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    w = rng.standard_normal((16, 4, 3, 3)).astype(dtype)
+    if overflow:
+        w[3] = 60000.0
+    gamma, beta, mean, var = bn_stats(rng, 16, dtype)
+    inits = [numpy_helper.from_array(a, n) for a, n in zip((w, gamma, beta, mean, var), "wgbmv")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", elem, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", elem, [1, 16, 6, 6])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    "dtype,overflow",
+    [(np.float16, False), (np.float16, True), (np.float64, False)],
+    ids=["float16", "float16-overflow", "float64"],
+)
+def test_streaming_fold_of_other_float_types_is_bit_identical(dtype, overflow, rng, tmp_path, monkeypatch):
+    """float16 and float64 weights take the deferred path too; a float16 fold that overflows is
+    refused on the read pass with the in-memory path's reason, and nothing is written for it."""
+    src = tmp_path / "src" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save(_conv_bn(dtype, rng, overflow=overflow), str(src), save_as_external_data=True, size_threshold=0)
+    monkeypatch.setattr(load, "LAZY_THRESHOLD", 0)
+    streamed, result = _fold(str(src), str(tmp_path / "stream"))
+    deferred = [t.name for t in result.model.graph.initializer if scaled_of(t) is not None]
+    monkeypatch.setattr(fold_math, "scale_weight_planned", fold_math.scale_weight_exact)
+    eager, reference = _fold(str(src), str(tmp_path / "eager"))
+    assert result.report == reference.report
+    assert streamed == eager
+    if overflow:
+        assert not result.report.folded and "overflows float16" in result.report.skipped[0].detail
+        assert not deferred
+    else:
+        assert len(result.report.folded) == 1 and deferred
