@@ -135,6 +135,11 @@ def scale_weight_exact(
     return out.reshape(w.shape), ""
 
 
+DEFER_MIN_BYTES = 64 * 1024
+"""Smaller weights are scaled at once (:func:`scale_weight_planned`): one pass instead of a
+decision pass and a compute pass, and they weigh little in memory."""
+
+
 @dataclass(frozen=True, eq=False)
 class ScaledWeight:
     """``W * scale`` along an axis, rounded once to W's dtype: decided, not yet computed.
@@ -196,12 +201,14 @@ def scale_weight_planned(
     are both monotone and symmetric) overflows exactly when some value of the channel does,
     and rounds to zero exactly when every value of the channel does. Returns a
     :class:`ScaledWeight`, or what :func:`scale_weight_exact` returns (the array, or
-    ``(None, why)`` with the same reason) in every other case.
+    ``(None, why)`` with the same reason) in every other case, and for weights under
+    :data:`DEFER_MIN_BYTES`.
     """
     w = np.asarray(weight)
     s = np.asarray(scale, dtype=np.float64).reshape(-1)
     if (
-        w.dtype not in (np.float16, np.float32, np.float64)
+        w.nbytes < DEFER_MIN_BYTES
+        or w.dtype not in (np.float16, np.float32, np.float64)
         or w.ndim == 0
         or not w.size
         or not np.isfinite(s).all()

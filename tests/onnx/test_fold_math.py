@@ -185,6 +185,7 @@ def test_forward_folds_refuse_what_the_dtype_cannot_hold():
 
 
 def _planned_as_exact(w, s, axis, groups):
+    assert w.nbytes >= fold_math.DEFER_MIN_BYTES  # the tests below lower the threshold
     planned, why = fold_math.scale_weight_planned(w, s, axis=axis, groups=groups)
     if isinstance(planned, fold_math.ScaledWeight):
         return planned.apply(), why
@@ -222,11 +223,14 @@ _EDGE_CASES = {
     ],
     ids=["conv", "convtranspose-g2", "gemm-n", "gemm-transb", "vector", "matmul-3d"],
 )
-def test_planned_scaling_decides_and_computes_exactly_as_the_full_pass(case, shape, axis, groups, rng):
+def test_planned_scaling_decides_and_computes_exactly_as_the_full_pass(
+    case, shape, axis, groups, rng, monkeypatch
+):
     """The deferred fold decides on a channel's largest |W|; without exactly the same decisions
     (and reasons) as scale_weight_exact, the streaming save would write a fold the in-memory
     path refuses, or refuse one it takes, and its values would not be bit-identical."""
     dtype, make_scale, tweak = _EDGE_CASES[case]
+    monkeypatch.setattr(fold_math, "DEFER_MIN_BYTES", 0)
     w = rng.standard_normal(shape).astype(dtype)
     channels = shape[1] * groups if groups > 1 else shape[axis]
     if tweak == "ones-times-3":
@@ -251,9 +255,10 @@ def test_planned_scaling_decides_and_computes_exactly_as_the_full_pass(case, sha
         assert got.tobytes() == expected.tobytes()
 
 
-def test_scaled_weight_rows_in_blocks_equal_the_whole(rng):
+def test_scaled_weight_rows_in_blocks_equal_the_whole(rng, monkeypatch):
     """The save computes a deferred weight a block of rows at a time; any block split must give
     the bytes of the whole computation (grouped ConvTranspose included)."""
+    monkeypatch.setattr(fold_math, "DEFER_MIN_BYTES", 0)
     for shape, axis, groups in (((8, 3, 2, 2), 1, 4), ((7, 5, 3), 0, 1), ((9, 4), 1, 1)):
         w = rng.standard_normal(shape).astype(np.float32)
         c = shape[1] * groups if groups > 1 else shape[axis]

@@ -72,7 +72,8 @@ def test_streaming_fold_is_bit_identical_to_the_in_memory_fold(name, layout, sou
     file (embedded / external, offsets) would change. ``row-blocks``: one row per block, so that
     every tensor is computed in many blocks (grouped ConvTranspose rows included)."""
     src = sources[name][0 if layout == "embedded" else 1]
-    monkeypatch.setattr(load, "LAZY_THRESHOLD", 0)  # every embedded payload a stub: all deferrable
+    monkeypatch.setattr(load, "LAZY_THRESHOLD", 0)
+    monkeypatch.setattr(fold_math, "DEFER_MIN_BYTES", 0)  # every embedded payload a stub: all deferrable
     if layout == "external-row-blocks":
         monkeypatch.setattr(sink, "SCALE_BLOCK", 1)
     streamed, result = _fold(src, str(tmp_path / "stream"))
@@ -92,6 +93,7 @@ def test_deferred_tensor_reads_materializes_and_resaves_as_its_folded_values(sou
     """A deferred tensor is read (read_array), embedded (materialize) and saved again with the
     folded values, never the original bytes it points at."""
     monkeypatch.setattr(load, "LAZY_THRESHOLD", 0)
+    monkeypatch.setattr(fold_math, "DEFER_MIN_BYTES", 0)
     src = sources["resnet-basic"][1]
     result = fold_path(src, str(tmp_path / "a.onnx"), verify=False)
     model = result.model
@@ -119,6 +121,7 @@ def test_deferred_fold_saved_with_onnx_save_is_refused(sources, tmp_path, monkey
     """A model holding a deferred fold written by onnx.save points at the unfolded bytes: loading
     it must fail, not silently give the unfolded weights."""
     monkeypatch.setattr(load, "LAZY_THRESHOLD", 0)
+    monkeypatch.setattr(fold_math, "DEFER_MIN_BYTES", 0)
     src = sources["resnet-basic"][1]
     model = fold_path(src, str(tmp_path / "a.onnx"), verify=False).model
     leaked = os.path.join(os.path.dirname(src), "leaked.onnx")
@@ -165,6 +168,7 @@ def test_streaming_fold_of_other_float_types_is_bit_identical(dtype, overflow, r
     src.parent.mkdir()
     onnx.save(_conv_bn(dtype, rng, overflow=overflow), str(src), save_as_external_data=True, size_threshold=0)
     monkeypatch.setattr(load, "LAZY_THRESHOLD", 0)
+    monkeypatch.setattr(fold_math, "DEFER_MIN_BYTES", 0)
     streamed, result = _fold(str(src), str(tmp_path / "stream"))
     deferred = [t.name for t in result.model.graph.initializer if scaled_of(t) is not None]
     monkeypatch.setattr(fold_math, "scale_weight_planned", fold_math.scale_weight_exact)
