@@ -229,7 +229,7 @@ class VerifyReport:
     seconds: float = 0.0
     calibrated: bool | None = None
     """Whether tolerances were calibrated per tensor (the reference also ran at onnxruntime's
-    default level, which folds BN itself); False when that run failed, None when not attempted."""
+    ``ORT_ENABLE_BASIC``, which folds BN itself); False when that run failed, None when not attempted."""
     reverted: tuple[Skipped, ...] = ()
     """Folds that diverged and were reverted before this result (reason ``verification-failed``,
     with why): a PASSED report with reverted folds passed only without them."""
