@@ -170,8 +170,9 @@ def fold_path(
     ``external_data``: None keeps the source's layout (a data file if it has one).
 
     The returned ``FoldResult.model`` is the lazily loaded graph (large tensors are stubs that
-    point into ``dst`` after a verified fold, else into ``src`` or held in memory); the model
-    itself is the file written.
+    point into ``dst`` after a verified fold, else into ``src`` -- a folded one as a deferred
+    fold whose values ``read_array`` and ``save_model`` compute -- or held in memory); the
+    model itself is the file written.
     """
     opts = verify_options(
         options, inputs=inputs, shapes=shapes, seed=seed, samples=samples, atol=atol, rtol=rtol

@@ -8,7 +8,9 @@ plan that touches a node outside its chain is refused (ValueError: a bug in a ch
 
 New constants are created as initializers (Constant nodes in function bodies) with names
 that collide with nothing in the namespace. An initializer that only the changed node reads
-is rewritten under its own name: no node reads its old values any more.
+is rewritten under a fresh name in place: no node reads its old values any more. When its bytes
+are in a file (a lazy stub, external data), a scaled weight is not computed here: the tensor
+keeps its reference and a recipe, and the save computes the values in blocks.
 
 Dead nodes and initializers are removed by one stable sort and a truncation per list, never
 by deleting elements one at a time (quadratic on 50k-node graphs).

@@ -2,11 +2,12 @@
 
 ``wire``      the protobuf wire format (varints, fields, the descriptors' field numbers)
 ``diagnose``  why a file is not an ONNX model, in one phrase
-``external``  external data references: parsed as onnxruntime does, resolved safely; typed stubs
+``external``  external data references: parsed as onnxruntime does, resolved safely; typed stubs;
+              deferred folds (values computed from a stub's bytes where they are written)
 ``tensors``   tensor values checked against type and shape, read embedded or from files
 ``validate``  names that must decode as UTF-8
 ``load``      ``load_model``, eager or lazy (stubs into the file, no payload read)
-``sink``      buffered sequential writes and in-kernel copies
+``sink``      buffered sequential writes, in-kernel copies, deferred folds computed in blocks
 ``atomic``    the one atomic-write primitive (text, model, model + data), SIGTERM, stale cleanup
 ``datanames`` which data files a model uses, a save writes and retires; never overwriting inputs
 ``staging``   a candidate written beside its destination, then published as a pair

@@ -18,6 +18,15 @@ loaded model written with ``onnx.save``) is refused on load. Tensors in external
 stay plain references; the lazily loaded model names its folder in one model-level
 ``metadata_props`` entry (:data:`MODEL_KEY`, the same token) that :func:`source_dir_of` reads
 and every save strips.
+
+Deferred folds
+--------------
+A fold into such a tensor is decided by the pass and computed only where the tensor is
+written or read: :func:`defer_scaled` renames the tensor, keeps its reference to the unfolded
+bytes and adds one entry, :data:`SCALED_KEY`, whose token names the recipe (a
+:class:`bnfold.fold_math.ScaledWeight`) in a second side table. ``save_model`` computes the
+values in blocks, ``read_array`` and ``materialize`` whole; a file that carries the key is
+refused on load like a stub's token.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ message over 2 GB and never holds a stub's payload in Python memory: the model m
 and the graph minus its initializers are serialized normally (small), the graph's length is
 computed up front from the parts, and each initializer is emitted in order -- in-memory
 tensors serialized one at a time, stub and external payloads copied from their source file
-with ``os.copy_file_range``. Fields come out in field-number order, so an embedded save is
-byte-for-byte what ``model.SerializeToString()`` gives.
+with ``os.copy_file_range``, and a deferred fold (:func:`~bnfold.onnx.io.external.defer_scaled`)
+computed from its source bytes a block at a time. Fields come out in field-number order, so an
+embedded save is byte-for-byte what ``model.SerializeToString()`` gives.
 
 :func:`materialize` is the in-memory counterpart: every stub and external tensor embedded.
 
