@@ -142,7 +142,7 @@ def _load_eager(fd: int, path: str) -> onnx.ModelProto:
     return _parse(data, path, data, len(data))
 
 
-def _parse(data: bytes, path: str, original: bytes | mmap.mmap, size: int) -> onnx.ModelProto:
+def _parse(data: bytes | bytearray, path: str, original: bytes | mmap.mmap, size: int) -> onnx.ModelProto:
     """``data`` parsed as a ModelProto; InputError saying what is wrong with ``original`` if not."""
     model = onnx.ModelProto()
     try:
@@ -172,22 +172,29 @@ def _load_lazy(fd: int, st: os.stat_result, path: str) -> tuple[onnx.ModelProto,
     return model, token
 
 
-def _lazy_bytes(mm: mmap.mmap, size: int, token: str) -> bytes:
-    """The model's bytes with each large main-graph ``raw_data`` replaced by a stub reference."""
-    parts: list[bytes] = []
-    graph_parts: list[bytes] = []
+def _lazy_bytes(mm: mmap.mmap, size: int, token: str) -> bytearray:
+    """The model's bytes with each large main-graph ``raw_data`` replaced by a stub reference.
+
+    Built in one buffer (each graph once more while its length is not known yet): a model of
+    many small tensors is copied twice, not four times.
+    """
+    out = bytearray()
+    graph_parts: list[bytearray] = []
     for number, wire_type, field_start, value_start, value_end in iter_fields(mm, 0, size):
         if number == F_MODEL_GRAPH and wire_type == WT_LEN:
             graph_parts.append(_lazy_graph(mm, value_start, value_end, token))
         else:
-            parts.append(mm[field_start:value_end])
-    for chunk in graph_parts:  # merged by protobuf: one graph field per chunk is equivalent
-        parts.append(tag(F_MODEL_GRAPH, WT_LEN) + varint(len(chunk)) + chunk)
-    return b"".join(parts)
+            out += mm[field_start:value_end]
+    while graph_parts:  # merged by protobuf: one graph field per chunk is equivalent
+        chunk = graph_parts.pop(0)
+        out += tag(F_MODEL_GRAPH, WT_LEN) + varint(len(chunk))
+        out += chunk
+        del chunk
+    return out
 
 
-def _lazy_graph(mm: mmap.mmap, start: int, end: int, token: str) -> bytes:
-    pieces: list[bytes] = []
+def _lazy_graph(mm: mmap.mmap, start: int, end: int, token: str) -> bytearray:
+    pieces = bytearray()
     run_start: int | None = None  # a run of fields copied verbatim
     location = entry_bytes("location", token)
     released = start
@@ -197,14 +204,15 @@ def _lazy_graph(mm: mmap.mmap, start: int, end: int, token: str) -> bytes:
                 run_start = field_start
             continue
         if run_start is not None:
-            pieces.append(mm[run_start:field_start])
+            pieces += mm[run_start:field_start]
             run_start = None
         tensor = _lazy_tensor(mm, value_start, value_end, location)
-        pieces.append(tag(F_GRAPH_INITIALIZER, WT_LEN) + varint(len(tensor)) + tensor)
+        pieces += tag(F_GRAPH_INITIALIZER, WT_LEN) + varint(len(tensor))
+        pieces += tensor
         released = release_pages(mm, released, value_end)
     if run_start is not None:
-        pieces.append(mm[run_start:end])
-    return b"".join(pieces)
+        pieces += mm[run_start:end]
+    return pieces
 
 
 def _lazy_tensor(mm: mmap.mmap, start: int, end: int, location: bytes) -> bytes:
