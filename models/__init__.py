@@ -12,6 +12,18 @@ torch; builders import it when called.
 Command line: ``python -m models build [--large] [--out DIR] [NAMES...]``, ``python -m models demo``.
 """
 
+try:
+    import numpy  # noqa: F401  (the zoo's own dependencies, checked first for a clear message)
+    import onnx  # noqa: F401
+except ImportError as _missing:  # e.g. `python3 -m models` with the system Python, outside .venv
+    if __import__("sys").argv[:1] == ["-m"]:  # `python -m models`: one line, not a traceback
+        raise SystemExit(
+            f"models: {_missing.name} is not installed in this Python ({__import__('sys').executable}); "
+            "run it from the project's environment: `bash scripts/test.sh` once, then "
+            "`.venv/bin/python -m models ...`"
+        ) from None
+    raise
+
 from models.registry import (
     CACHE_DIR,
     DEMO_PATH,
