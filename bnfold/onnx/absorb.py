@@ -29,7 +29,8 @@ from onnx import helper
 from .. import fold_math
 from ..report import SkipReason
 from .constants import NotConstant
-from .graph import Scope, attr, is_op
+from .attrs import attr
+from .graph import Scope, is_op
 from .paths import Route, walk_back
 from .plan import NewValue, Plan, Reject, Source
 
@@ -179,7 +180,7 @@ def check_conv(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | Rej
         return bad
     if w.ndim < 3:
         return Reject(SkipReason.SHAPE_MISMATCH, f"weight has rank {w.ndim}, expected >= 3")
-    group = int(attr(node, "group", 1))
+    group = attr(node, "group", 1, "INT")
     c_out = w.shape[1] * group if transpose else w.shape[0]
     aff = source.widened(c_out).affine
     if (bad := _channels_problem(aff, node.op_type, c_out)) is not None:
@@ -203,11 +204,11 @@ def check_gemm(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | Rej
         return bad
     if b.ndim != 2:
         return Reject(SkipReason.SHAPE_MISMATCH, f"B has rank {b.ndim}")
-    n_axis = 0 if int(attr(node, "transB", 0)) else 1
+    n_axis = 0 if attr(node, "transB", 0, "INT") else 1
     aff = source.widened(b.shape[n_axis]).affine
     if (bad := _channels_problem(aff, "Gemm", b.shape[n_axis])) is not None:
         return bad
-    beta = float(attr(node, "beta", 1.0))
+    beta = attr(node, "beta", 1.0, "FLOAT")
     c_vec = None
     if _input(node, 2):
         c = scope.constant(node.input[2], what="bias (C)")

@@ -17,7 +17,8 @@ import onnx
 from ..fold_math import Affine
 from ..report import SkipReason
 from .absorb import find_layer, plan_into
-from .graph import Scope, attr
+from .attrs import attr
+from .graph import Scope
 from .paths import walk_back
 from .plan import Plan, Reject, Source
 
@@ -32,7 +33,7 @@ def plan_concat(scope: Scope, source: Source) -> Plan | Reject | None:
     if concat is None or concat.op_type != "Concat" or concat.domain not in ("", "ai.onnx"):
         return None
     rank = scope.rank(route.top)
-    axis = int(attr(concat, "axis", 1))
+    axis = attr(concat, "axis", 1, "INT")
     if rank is not None and axis < 0:
         axis += rank
     if route.axis != 1 or axis != 1:

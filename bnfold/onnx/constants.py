@@ -17,6 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..report import SkipReason
+from .attrs import attr
 
 if TYPE_CHECKING:  # the protocol below is what this module reads; graph.Scope implements it
     from collections.abc import Mapping
@@ -166,16 +167,9 @@ def _from_metadata(scope: ConstantScope, node: onnx.NodeProto, *, what: str, dep
     if node.op_type == "Size":
         return np.array(int(np.prod(dims)), dtype=np.int64)
     rank = len(dims)
-    start = _clamp(int(_attr_int(node, "start", 0)), rank)
-    end = _clamp(int(_attr_int(node, "end", rank)), rank)
+    start = _clamp(attr(node, "start", 0, "INT"), rank)
+    end = _clamp(attr(node, "end", rank, "INT"), rank)
     return dims[start:end]
-
-
-def _attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
-    for a in node.attribute:
-        if a.name == name:
-            return int(a.i)
-    return default
 
 
 def _clamp(axis: int, rank: int) -> int:

@@ -29,7 +29,8 @@ from onnx import helper
 from .. import fold_math
 from ..report import SkipReason
 from .constants import NotConstant
-from .graph import Scope, attr, is_op, node_id
+from .attrs import attr
+from .graph import Scope, is_op, node_id
 from .paths import map_axis, passes
 from .plan import NewValue, Plan, Reject, Source
 
@@ -174,9 +175,8 @@ def _broadcast(scope: Scope, node: onnx.NodeProto) -> tuple[tuple[onnx.NodeProto
 
 
 def _padded(node: onnx.NodeProto) -> bool:
-    auto = attr(node, "auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
-    return auto in ("SAME_UPPER", "SAME_LOWER") or any(int(p) for p in attr(node, "pads", []))
+    auto = attr(node, "auto_pad", "NOTSET", "STRING")
+    return auto in ("SAME_UPPER", "SAME_LOWER") or any(attr(node, "pads", [], "INTS"))
 
 
 def _conv(scope: Scope, conv: onnx.NodeProto, source: Source) -> Plan | Reject:
@@ -187,7 +187,7 @@ def _conv(scope: Scope, conv: onnx.NodeProto, source: Source) -> Plan | Reject:
         return w
     if w.ndim < 3:
         return Reject(SkipReason.SHAPE_MISMATCH, f"weight has rank {w.ndim}, expected >= 3")
-    groups = int(attr(conv, "group", 1))
+    groups = attr(conv, "group", 1, "INT")
     aff = _sized(source, w.shape[1] * groups, "Conv")
     if isinstance(aff, Reject):
         return aff
@@ -238,11 +238,11 @@ def _matrix(
 
 
 def _gemm(scope: Scope, gemm: onnx.NodeProto, source: Source) -> Plan | Reject:
-    if int(attr(gemm, "transA", 0)):
+    if attr(gemm, "transA", 0, "INT"):
         return Reject(SkipReason.UNSUPPORTED_ATTRIBUTE, "transA=1: the map is not on A's feature axis")
     if (bad := _axis_problem(source, 1, "Gemm")) is not None:
         return bad
-    k_axis = 1 if int(attr(gemm, "transB", 0)) else 0
+    k_axis = 1 if attr(gemm, "transB", 0, "INT") else 0
     found = _matrix(scope, gemm, source, k_axis=k_axis)
     if isinstance(found, Reject):
         return found
@@ -253,8 +253,8 @@ def _gemm(scope: Scope, gemm: onnx.NodeProto, source: Source) -> Plan | Reject:
         c = fold_math.channel_vector(scope.constant(gemm.input[2], what="bias (C)"), n)
         if c is None:
             return Reject(SkipReason.BIAS_NOT_PER_CHANNEL, "C is not constant per output column")
-        c_vec = c * float(np.float32(attr(gemm, "beta", 1.0)))
-    alpha = float(np.float32(attr(gemm, "alpha", 1.0)))
+        c_vec = c * float(np.float32(attr(gemm, "beta", 1.0, "FLOAT")))
+    alpha = float(np.float32(attr(gemm, "alpha", 1.0, "FLOAT")))
     c_new = _cast(c_vec + alpha * delta, b, "C")
     values = _values((gemm, 1, None if b_new is b else b_new, "weight"), (gemm, 2, c_new, "bias"))
     if isinstance(values, Reject):

@@ -45,13 +45,6 @@ def is_op(node: onnx.NodeProto | None, *ops: str) -> bool:
     return node is not None and node.domain in DEFAULT_DOMAINS and node.op_type in ops
 
 
-def attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
     """``(label suffix, graph)`` for every graph attribute of ``node``."""
     for a in node.attribute:

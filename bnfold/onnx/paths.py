@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import onnx
 
 from ..report import SkipReason
-from .graph import Scope, Shape, attr, is_op
+from .attrs import attr
+from .graph import Scope, Shape, is_op
 from .plan import Reject
 
 LOOK_THROUGH = ("Identity", "Dropout", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -75,7 +76,7 @@ def passes(scope: Scope, node: onnx.NodeProto) -> bool:
     if any(o and scope.uses(o) > 0 for o in node.output[1:]):
         return False
     if scope.index.opset <= 6:
-        return int(attr(node, "is_test", 0)) == 1
+        return attr(node, "is_test", 0, "INT") == 1
     if len(node.input) > 2 and node.input[2]:
         try:
             return not bool(scope.constant(node.input[2], what="Dropout training_mode").reshape(-1)[0])
@@ -89,7 +90,7 @@ def _axis_before(scope: Scope, node: onnx.NodeProto, axis: int) -> int | Reject:
     if node.op_type in ("Identity", "Dropout"):
         return axis
     if node.op_type == "Transpose":
-        perm = attr(node, "perm", None)
+        perm = attr(node, "perm", None, "INTS")
         rank = len(perm) if perm is not None else scope.rank(node.input[0])
         if rank is None:
             return _not_preserved(node, "its rank is unknown")

@@ -23,7 +23,8 @@ import onnx
 from .. import fold_math
 from ..report import SkipReason
 from .constants import NotConstant
-from .graph import Scope, attr, is_op, node_id
+from .attrs import attr
+from .graph import Scope, is_op, node_id
 from .plan import Reject, Source
 
 
@@ -41,11 +42,11 @@ def inference_problem(bn: onnx.NodeProto, opset: int, *, used: bool) -> Reject |
     ``used``: whether one of its statistics outputs is consumed. This is the single place of
     the training-mode policy.
     """
-    if opset <= 6 and int(attr(bn, "is_test", 0)) != 1:
+    if opset <= 6 and attr(bn, "is_test", 0, "INT") != 1:
         return Reject(
             SkipReason.TRAINING_MODE, "is_test is not 1 (opset <= 6 default is training: batch statistics)"
         )
-    if int(attr(bn, "training_mode", 0)) != 0:
+    if attr(bn, "training_mode", 0, "INT") != 0:
         return Reject(SkipReason.TRAINING_MODE, "training_mode=1: the node normalizes with batch statistics")
     if used:
         return Reject(SkipReason.EXTRA_OUTPUTS_USED, "an output with running/saved statistics is consumed")
@@ -55,7 +56,7 @@ def inference_problem(bn: onnx.NodeProto, opset: int, *, used: bool) -> Reject |
             f"opset {opset} BN declares {sum(1 for o in bn.output if o)} outputs, which is training mode: "
             "onnxruntime normalizes with batch statistics even when they are unused",
         )
-    if opset <= 8 and int(attr(bn, "spatial", 1)) != 1:
+    if opset <= 8 and attr(bn, "spatial", 1, "INT") != 1:
         return Reject(SkipReason.SPATIAL_0, "spatial=0: statistics are per element, not per channel")
     return None
 
@@ -84,7 +85,7 @@ def bn_source(scope: Scope, bn: onnx.NodeProto) -> Source | Reject:
     shapes = {np.asarray(a).shape for a in (gamma, beta, mean, var)}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         return Reject(SkipReason.SHAPE_MISMATCH, f"BN parameters have shapes {sorted(shapes)}, expected (C,)")
-    eps = float(attr(bn, "epsilon", fold_math.DEFAULT_EPSILON))
+    eps = attr(bn, "epsilon", fold_math.DEFAULT_EPSILON, "FLOAT")
     return Source(
         kind="batchnorm",
         label=bn_label(bn),
