@@ -28,8 +28,8 @@ from onnx import helper
 
 from .. import fold_math
 from ..report import SkipReason
-from .constants import NotConstant
 from .attrs import attr
+from .constants import NotConstant
 from .graph import Scope, is_op
 from .paths import Route, walk_back
 from .plan import NewValue, Plan, Reject, Source

@@ -40,7 +40,9 @@ def attr(node: onnx.NodeProto, name: str, default: Any, kind: str) -> Any:
                 f"{where} takes its value from the function's attribute {a.ref_attr_name!r}, which bnfold "
                 "does not resolve (inline the function first)"
             )
-        found = onnx.AttributeProto.AttributeType.Name(a.type) if a.type in _ATTR_TYPE_NUMBERS else str(a.type)
+        found = (
+            onnx.AttributeProto.AttributeType.Name(a.type) if a.type in _ATTR_TYPE_NUMBERS else str(a.type)
+        )
         if found != kind:
             raise InputError(f"{where} has type {found}, expected {kind}")
         try:

@@ -31,6 +31,7 @@ from .absorb import find_layer, plan_into
 from .concat import is_concat, plan_concat
 from .forward import plan_forward, walk_forward
 from .graph import ModelIndex, Scope, collect_scopes, node_id, walk_graphs
+from .io.validate import check_arity
 from .plan import Plan, Reject, Source
 from .rewrite import apply, flush, remove_dead
 from .sources import (
@@ -53,8 +54,10 @@ def fold_model(
 ) -> FoldReport:
     """Fold every foldable BN of ``model`` in place; ``exclude`` lists BN output names to leave.
 
-    ``base_dir`` is where external data (or lazy stubs) are read from.
+    ``base_dir`` is where external data (or lazy stubs) are read from. A node without the
+    inputs or outputs its operator requires raises InputError (:func:`check_arity`).
     """
+    check_arity(model)
     index = ModelIndex(model, base_dir, frozenset(exclude))
     folded: list[Folded] = []
     skipped: list[Skipped] = []

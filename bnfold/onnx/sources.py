@@ -22,8 +22,8 @@ import onnx
 
 from .. import fold_math
 from ..report import SkipReason
-from .constants import NotConstant
 from .attrs import attr
+from .constants import NotConstant
 from .graph import Scope, is_op, node_id
 from .plan import Reject, Source
 

@@ -1,13 +1,21 @@
-"""Names a model must be able to print: every name, op type, domain and the model's and nodes'
-descriptive strings decode as UTF-8.
+"""What a loaded model must satisfy before anything reads it.
 
-onnx.proto is proto2, so protobuf does not check string fields: an invalid byte sequence comes
-back as ``bytes`` instead of ``str`` and breaks whatever compares or joins names later.
+:func:`check_names`: every name, op type, domain and the model's and nodes' descriptive strings
+decode as UTF-8. onnx.proto is proto2, so protobuf does not check string fields: an invalid byte
+sequence comes back as ``bytes`` instead of ``str`` and breaks whatever compares or joins names
+later.
+
+:func:`check_arity`: every node of the default ONNX domain has at least the inputs and outputs
+its operator schema requires, and a ``Constant`` holds exactly one value. Only what would crash
+the pass (it indexes a node's inputs and outputs by position) is checked: names nothing defines,
+duplicate outputs and the like are left to onnxruntime; ``onnx.checker`` is too strict and too
+slow for large models.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from functools import cache
 
 import onnx
 
@@ -64,3 +72,57 @@ def check_names(model: onnx.ModelProto, path: str) -> None:
         found = found or _check_nodes(function.node)
     if found is not None:
         raise InputError(f"{path}: a name in the model is not valid UTF-8 ({found!r:.60})")
+
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@cache
+def _arity(op_type: str, opset: int) -> tuple[int, int] | None:
+    """``(min inputs, min outputs)`` of a default-domain operator at ``opset``; None if unknown."""
+    try:
+        schema = onnx.defs.get_schema(op_type, opset, "")
+    except Exception:  # noqa: BLE001 - an unknown op or opset: onnxruntime decides
+        return None
+    return schema.min_input, schema.min_output
+
+
+def _bodies(model: onnx.ModelProto) -> Iterator[tuple[Iterable[onnx.NodeProto], int, str]]:
+    """``(nodes, default-domain opset, where)`` for the main graph, every function and every
+    subgraph; iterative, so a deep nesting of subgraphs cannot exhaust Python's stack."""
+
+    def opset_of(imports: Iterable[onnx.OperatorSetIdProto], default: int) -> int:
+        return next((o.version for o in imports if o.domain in _DEFAULT_DOMAINS), default)
+
+    main = opset_of(model.opset_import, 1)
+    todo: list[tuple[Iterable[onnx.NodeProto], int, str]] = [(model.graph.node, main, "main graph")]
+    todo += [(f.node, opset_of(f.opset_import, main), f"function {f.name!r}") for f in model.functions]
+    while todo:
+        nodes, opset, where = todo.pop()
+        yield nodes, opset, where
+        for node in nodes:
+            for a in node.attribute:
+                for g in [a.g] if a.HasField("g") else a.graphs:
+                    todo.append((g.node, opset, f"a subgraph of node {node.name or node.op_type!r}"))
+
+
+def check_arity(model: onnx.ModelProto) -> None:
+    """Refuse a model with a node that lacks inputs or outputs its operator requires (or a
+    ``Constant`` without exactly one value), naming the node."""
+    for nodes, opset, where in _bodies(model):
+        for node in nodes:
+            if node.domain not in _DEFAULT_DOMAINS:
+                continue
+            name = node.name or (node.output[0] if node.output else "")
+            label = f"{'node ' + repr(name) if name else 'an unnamed node'} ({node.op_type}) in the {where}"
+            if node.op_type == "Constant" and len(node.attribute) != 1:
+                raise InputError(f"{label} has {len(node.attribute)} attributes, expected one value")
+            need = _arity(node.op_type, opset)
+            if need is None:
+                continue
+            if len(node.input) < need[0]:
+                raise InputError(f"{label} has {len(node.input)} inputs, its operator needs {need[0]}")
+            if len(node.output) < max(need[1], 1):
+                raise InputError(
+                    f"{label} has {len(node.output)} outputs, its operator needs {max(need[1], 1)}"
+                )
