@@ -130,6 +130,14 @@ def resolve(scope: ConstantScope, name: str, *, what: str, depth: int = 0) -> np
             non_const_reason(what), f"{what} {name!r} is computed at run time by {node.op_type} {node.name!r}"
         )
     args = [None if not i else resolve(scope, i, what=what, depth=depth + 1) for i in node.input]
+    size = output_size(node, args, name, scope.index.opset)
+    if size is None or size > MAX_EVAL_ELEMENTS:
+        amount = "an unknown number of" if size is None else f"{size:,}"
+        raise NotConstant(
+            non_const_reason(what),
+            f"{what} {name!r} is computed by {node.op_type} {node.name!r}, which would make {amount} "
+            f"elements: too large to evaluate (the limit is {MAX_EVAL_ELEMENTS:,})",
+        )
     value = evaluate(node, args, name, scope.index.opset)
     if value is None:
         raise NotConstant(
@@ -202,6 +210,51 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     raise NotConstant(
         SkipReason.NON_CONSTANT_WEIGHT, f"Constant {node.name!r} has an unsupported {attr.name!r}"
     )
+
+
+_SMALL_ARG = 1024
+"""Inputs up to this many elements are given to shape inference by value (a shape, repeats,
+pads, scales, a Range's bounds); larger ones by shape only."""
+
+
+def output_size(node: onnx.NodeProto, args: list[np.ndarray | None], name: str, opset: int) -> int | None:
+    """How many elements ``node``'s output ``name`` has, from onnx shape inference on the node
+    alone with its constant inputs, before anything is computed; None when inference cannot tell.
+
+    Inputs are capped, outputs must be too: ``ConstantOfShape([2**29])``, ``Expand``, ``Tile``,
+    ``Range``, ``Pad``, ``Resize`` or a broadcasting ``Add`` of two vectors turn a few bytes of
+    model into gigabytes."""
+    inputs, inits, names = [], [], []
+    for i, (nm, a) in enumerate(zip(node.input, args)):
+        if not nm or a is None:
+            names.append("")
+            continue
+        key = f"in{i}"
+        names.append(key)
+        elem = helper.np_dtype_to_tensor_dtype(a.dtype)
+        inputs.append(helper.make_tensor_value_info(key, elem, a.shape))
+        if a.size <= _SMALL_ARG:
+            inits.append(numpy_helper.from_array(np.asarray(a), key))
+    outs = [f"out{i}" for i in range(len(node.output))]
+    n = helper.make_node(node.op_type, names, outs, domain=node.domain)
+    n.attribute.extend(node.attribute)
+    g = helper.make_graph(
+        [n], "size", inputs, [helper.make_value_info(o, onnx.TypeProto()) for o in outs], inits
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - an op inference rejects: its size is unknown
+        log.debug("no output size for %s %s: %s", node.op_type, node.name, exc)
+        return None
+    wanted = outs[list(node.output).index(name)]
+    found = {v.name: v.type for v in [*inferred.graph.output, *inferred.graph.value_info]}.get(wanted)
+    if found is None or not found.HasField("tensor_type") or not found.tensor_type.HasField("shape"):
+        return None
+    dims = found.tensor_type.shape.dim
+    if not all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims):
+        return None
+    return int(np.prod([d.dim_value for d in dims], dtype=object))
 
 
 def evaluate(node: onnx.NodeProto, args: list[np.ndarray | None], name: str, opset: int) -> np.ndarray | None:
