@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,14 +218,28 @@ def load_inputs(
     ``input_<i>.pb`` TensorProto files (one sample, the ONNX test-data layout), or a folder of
     ``test_data_set_<n>`` folders (one sample each). A ``.pb`` tensor without a name takes the
     name at its position in ``input_names``, or without those its file's stem (``input_0``).
-    Raises InputError (one line) for anything missing or unreadable.
+    Raises InputError (one line) for anything missing or unreadable; an ``.npz`` is checked from
+    its zip directory before anything is inflated (an array named after none of ``input_names``,
+    one past :data:`MAX_NPZ_MEMBER_BYTES` inflated).
     """
-    p = Path(path)
+    return _load(Path(path), input_names, {})
+
+
+MAX_NPZ_MEMBER_BYTES = 1 << 31
+"""The most bytes one array of an ``.npz`` may inflate to when the model does not bound it (an
+input with a symbolic dimension): 3 GB of zeros compress to 3 MB."""
+
+
+def _load(
+    p: Path, input_names: Sequence[str] | None, limits: Mapping[str, int]
+) -> list[dict[str, np.ndarray]]:
+    """:func:`load_inputs`; ``limits`` caps the inflated bytes of the named arrays of an ``.npz``."""
     if not p.exists():
         raise InputError(f"{p}: no such file or folder (inputs)")
     if p.is_file():
         if p.suffix != ".npz":
             raise InputError(f"{p}: inputs must be an .npz file or a folder of .pb tensors")
+        _check_npz_directory(p, input_names, limits)
         try:
             with np.load(p, allow_pickle=False) as npz:
                 return [{k: npz[k] for k in npz.files}]
@@ -233,6 +248,40 @@ def load_inputs(
     sets = [d for d in p.iterdir() if d.is_dir() and re.fullmatch(r"test_data_set_\d+", d.name)]
     sets.sort(key=lambda d: int(d.name.rsplit("_", 1)[1]))
     return [_load_pb_dir(d, input_names) for d in (sets or [p])]
+
+
+def _check_npz_directory(p: Path, input_names: Sequence[str] | None, limits: Mapping[str, int]) -> None:
+    """Refuse, from the zip's directory alone (nothing inflated yet), an ``.npz`` with an array
+    the model has no input for or one that would inflate past what its input can hold."""
+    try:
+        with zipfile.ZipFile(p) as z:
+            members = z.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        raise InputError(f"{p}: cannot read as .npz ({first_line(e)})") from None
+    keys = {m.filename.removesuffix(".npy"): m for m in members}
+    if input_names is not None and (unknown := sorted(set(keys) - set(input_names))):
+        raise InputError(f"inputs: unknown input(s) {unknown}; the model's inputs are {list(input_names)}")
+    for key, member in keys.items():
+        limit = limits.get(key, MAX_NPZ_MEMBER_BYTES)
+        if member.file_size > limit:
+            raise InputError(
+                f"{p}: array {key!r} inflates to {member.file_size:,} bytes, more than "
+                + (
+                    f"input {key!r} can hold ({limit:,} bytes)"
+                    if key in limits
+                    else f"bnfold reads ({limit:,})"
+                )
+            )
+
+
+def _npz_limits(decls: Sequence[InputDecl]) -> dict[str, int]:
+    """Inflated bytes an ``.npz`` array may have for each input of static shape: 16 bytes an
+    element (the widest dtype that casts to the input's) and room for the ``.npy`` header."""
+    return {
+        d.name: 16 * int(np.prod(d.dims, dtype=object)) + 65536
+        for d in decls
+        if d.dims is not None and all(isinstance(x, int) for x in d.dims)
+    }
 
 
 def _load_pb_dir(folder: Path, input_names: Sequence[str] | None) -> dict[str, np.ndarray]:
@@ -263,7 +312,7 @@ def user_samples(inputs: InputsLike, decls: Sequence[InputDecl]) -> tuple[list[d
     names = [d.name for d in decls]
     if isinstance(inputs, (str, os.PathLike)):
         p = Path(inputs)
-        samples, source = load_inputs(p, names), ("npz:" if p.is_file() else "pb-dir:") + str(p)
+        samples, source = _load(p, names, _npz_limits(decls)), ("npz:" if p.is_file() else "pb-dir:") + str(p)
     elif isinstance(inputs, Mapping):
         samples, source = [dict(inputs)], "user"
     else:

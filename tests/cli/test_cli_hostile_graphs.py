@@ -15,9 +15,11 @@ made ``check`` allocate 2.1 GB.
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,7 @@ def conv_bn(
     bn_input: str = "y",
     mean: str = "m",
     extra: tuple[TensorProto, ...] = (),
+    batch: int | str = 1,
 ) -> onnx.ModelProto:
     """x -> Conv(W) -> [between] -> BatchNormalization -> z, opset 17."""
     rng = np.random.default_rng(10)
@@ -76,7 +79,7 @@ def conv_bn(
     graph = helper.make_graph(
         [conv, *between, bn],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
         inits,
     )
@@ -321,3 +324,79 @@ def test_hostile_graph_is_one_line_or_a_reason_everywhere(tmp_path: Path, case: 
             assert spec.reason in skipped.detail
 
     assert listing(tmp_path) == before, "the input is untouched and nothing is left beside it"
+
+
+# --------------------------------------------------------------------------------------------
+# 10: an --inputs .npz that inflates to gigabytes
+
+
+def npz_of_zeros(path: Path, key: str, megabytes: int) -> Path:
+    """An .npz whose array ``key`` holds ``megabytes`` MB of float32 zeros (about 0.1% of that on disk)."""
+    count = megabytes * (1 << 20) // 4
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(0, np.float32)) | {"shape": (count,)}
+    with (
+        zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z,
+        z.open(f"{key}.npy", "w", force_zip64=True) as member,
+    ):
+        np.lib.format.write_array_header_1_0(member, header)
+        chunk = bytes(1 << 20)
+        for _ in range(megabytes):
+            member.write(chunk)
+    return path
+
+
+def npz_declaring(path: Path, key: str, size: int) -> Path:
+    """A small .npz whose zip directory says array ``key`` inflates to ``size`` bytes."""
+    np.savez(path, **{key: np.zeros((1, 3, 8, 8), np.float32)})
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"PK\x01\x02")  # the central directory entry: uncompressed size at +24
+    struct.pack_into("<I", data, entry + 24, size)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("batch", "make", "needle"),
+    [
+        (
+            1,
+            lambda p: npz_of_zeros(p, "x", 300),
+            "array 'x' inflates to 314,572,928 bytes, more than input 'x' can hold",
+        ),
+        (1, lambda p: npz_declaring(p, "bogus", 3_000_000_000), "unknown input(s) ['bogus']"),
+        (
+            "N",
+            lambda p: npz_declaring(p, "x", 3_000_000_000),
+            "inflates to 3,000,000,000 bytes, more than bnfold reads",
+        ),
+    ],
+    ids=["300MB-for-a-static-input", "unknown-key-declaring-3GB", "3GB-for-a-symbolic-input"],
+)
+def test_npz_bomb_is_refused_from_the_zip_directory(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    batch: int | str,
+    make: Callable[[Path], Path],
+    needle: str,
+) -> None:
+    """Before: np.load inflated every array (3 GB for a 3 MB file) before the unknown key or the
+    size was looked at. Now nothing is inflated: np.load is never reached."""
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_bn(batch=batch), src)
+    npz = make(tmp_path / "in.npz")
+    before = listing(tmp_path)
+
+    def inflate(*args: object, **kwargs: object) -> None:
+        raise AssertionError("np.load reached: the .npz is inflated")
+
+    monkeypatch.setattr(np, "load", inflate)
+    out = tmp_path / "out" / "f.onnx"
+    out.parent.mkdir()
+    result = runner.invoke(app, [str(src), "-o", str(out), "--inputs", str(npz)])
+    assert result.exit_code == 2, result.output
+    one_error_line(result.stderr, needle)
+    assert not any(out.parent.iterdir())
+    with pytest.raises(InputError, match=None) as info:
+        bnfold.fold_onnx(str(src), verify=True, inputs=str(npz))
+    assert needle in str(info.value)
+    assert listing(tmp_path) == before
