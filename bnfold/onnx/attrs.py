@@ -18,13 +18,16 @@ _ATTR_READERS: dict[str, Any] = {
     "INT": lambda a: int(a.i),
     "FLOAT": lambda a: float(a.f),
     "INTS": lambda a: [int(v) for v in a.ints],
+    "FLOATS": lambda a: [float(v) for v in a.floats],
+    "TENSOR": lambda a: a.t,
     "STRING": lambda a: a.s.decode("utf-8"),
 }
 
 
 def attr(node: onnx.NodeProto, name: str, default: Any, kind: str) -> Any:
     """The value of ``node``'s attribute ``name`` (``default`` when absent), which must have type
-    ``kind`` (``"INT"``, ``"FLOAT"``, ``"INTS"`` or ``"STRING"``, decoded as UTF-8).
+    ``kind`` (``"INT"``, ``"FLOAT"``, ``"INTS"``, ``"FLOATS"``, ``"TENSOR"``, or ``"STRING"``, decoded
+    as UTF-8).
 
     The one reader of the attributes the pass acts on: an attribute of another type, one with no
     type, or one that refers to a function's attribute (``ref_attr_name``: its value is the

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..errors import InputError
 from ..report import SkipReason
 from .attrs import attr
 
@@ -196,20 +197,26 @@ def read_initializer(tensor: onnx.TensorProto, base_dir: str | None) -> np.ndarr
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     """The value of a ``Constant`` node."""
-    attr = node.attribute[0]
-    if attr.name == "value":
-        return numpy_helper.to_array(attr.t)
-    if attr.name == "value_float":
-        return np.array(attr.f, dtype=np.float32)
-    if attr.name == "value_floats":
-        return np.array(list(attr.floats), dtype=np.float32)
-    if attr.name == "value_int":
-        return np.array(attr.i, dtype=np.int64)
-    if attr.name == "value_ints":
-        return np.array(list(attr.ints), dtype=np.int64)
-    raise NotConstant(
-        SkipReason.NON_CONSTANT_WEIGHT, f"Constant {node.name!r} has an unsupported {attr.name!r}"
-    )
+    name = node.attribute[0].name
+    if name == "value":
+        try:
+            return numpy_helper.to_array(attr(node, name, None, "TENSOR"))
+        except (TypeError, ValueError) as e:  # a tensor the loader did not see: an in-memory model
+            raise InputError(
+                f"Constant {node.name or node.output[0]!r}: its value cannot be read ({e})"
+            ) from None
+    if name in _CONSTANT_VALUES:
+        kind, dtype = _CONSTANT_VALUES[name]
+        return np.array(attr(node, name, None, kind), dtype=dtype)
+    raise NotConstant(SkipReason.NON_CONSTANT_WEIGHT, f"Constant {node.name!r} has an unsupported {name!r}")
+
+
+_CONSTANT_VALUES = {
+    "value_float": ("FLOAT", np.float32),
+    "value_floats": ("FLOATS", np.float32),
+    "value_int": ("INT", np.int64),
+    "value_ints": ("INTS", np.int64),
+}
 
 
 _SMALL_ARG = 1024

@@ -125,6 +125,12 @@ def without_bn_outputs() -> onnx.ModelProto:
     return model
 
 
+def _constant(output: str, value: AttributeProto) -> onnx.NodeProto:
+    node = helper.make_node("Constant", [], [output], name="c")
+    node.attribute.append(value)
+    return node
+
+
 def const(name: str, value: np.ndarray) -> TensorProto:
     return numpy_helper.from_array(value, name)
 
@@ -192,6 +198,15 @@ CASES: dict[str, Case] = {
     "constant-without-value": Case(
         _model(lambda: conv_bn(between=(helper.make_node("Constant", [], ["m2"], name="c"),), mean="m2")),
         "node 'c' (Constant) in the main graph has 0 attributes",
+    ),
+    "constant-value-a-float": Case(
+        _model(
+            lambda: conv_bn(
+                between=(_constant("m2", typed("value", F, f=0.5)),),
+                mean="m2",
+            )
+        ),
+        "node 'c' (Constant): attribute 'value' has type FLOAT, expected TENSOR",
     ),
     "bn-mean-constant-of-shape-2^29": Case(
         _model(
