@@ -231,30 +231,13 @@ def output_size(node: onnx.NodeProto, args: list[np.ndarray | None], name: str, 
     Inputs are capped, outputs must be too: ``ConstantOfShape([2**29])``, ``Expand``, ``Tile``,
     ``Range``, ``Pad``, ``Resize`` or a broadcasting ``Add`` of two vectors turn a few bytes of
     model into gigabytes."""
-    inputs, inits, names = [], [], []
-    for i, (nm, a) in enumerate(zip(node.input, args)):
-        if not nm or a is None:
-            names.append("")
-            continue
-        key = f"in{i}"
-        names.append(key)
-        elem = helper.np_dtype_to_tensor_dtype(a.dtype)
-        inputs.append(helper.make_tensor_value_info(key, elem, a.shape))
-        if a.size <= _SMALL_ARG:
-            inits.append(numpy_helper.from_array(np.asarray(a), key))
-    outs = [f"out{i}" for i in range(len(node.output))]
-    n = helper.make_node(node.op_type, names, outs, domain=node.domain)
-    n.attribute.extend(node.attribute)
-    g = helper.make_graph(
-        [n], "size", inputs, [helper.make_value_info(o, onnx.TypeProto()) for o in outs], inits
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     try:
+        m = _node_model(node, args, opset, by_value=_SMALL_ARG)
         inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
     except Exception as exc:  # noqa: BLE001 - an op inference rejects: its size is unknown
         log.debug("no output size for %s %s: %s", node.op_type, node.name, exc)
         return None
-    wanted = outs[list(node.output).index(name)]
+    wanted = f"out{list(node.output).index(name)}"
     found = {v.name: v.type for v in [*inferred.graph.output, *inferred.graph.value_info]}.get(wanted)
     if found is None or not found.HasField("tensor_type") or not found.tensor_type.HasField("shape"):
         return None
@@ -271,26 +254,34 @@ def evaluate(node: onnx.NodeProto, args: list[np.ndarray | None], name: str, ops
     try:
         from onnx.reference import ReferenceEvaluator
 
-        feeds = {}
-        inputs = []
-        for i, (nm, a) in enumerate(zip(node.input, args)):
-            if not nm or a is None:
-                continue
-            key = f"in{i}"
-            feeds[key] = a
-            inputs.append(
-                helper.make_tensor_value_info(key, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
-            )
-        new_inputs = [f"in{i}" if nm else "" for i, nm in enumerate(node.input)]
-        outs = [f"out{i}" for i in range(len(node.output))]
-        n = helper.make_node(node.op_type, new_inputs, outs, domain=node.domain)
-        n.attribute.extend(node.attribute)
-        g = helper.make_graph(
-            [n], "const", inputs, [helper.make_value_info(o, onnx.TypeProto()) for o in outs]
-        )
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+        m = _node_model(node, args, opset)
+        feeds = {f"in{i}": a for i, (nm, a) in enumerate(zip(node.input, args)) if nm and a is not None}
         results = ReferenceEvaluator(m).run(None, feeds)
         return np.asarray(results[list(node.output).index(name)])
     except Exception as exc:  # noqa: BLE001 - evaluation is best-effort; failure means "not constant"
         log.debug("could not evaluate %s %s: %s", node.op_type, node.name, exc)
         return None
+
+
+def _node_model(
+    node: onnx.NodeProto, args: list[np.ndarray | None], opset: int, *, by_value: int = 0
+) -> onnx.ModelProto:
+    """A model of ``node`` alone: input ``i`` is ``in{i}``, typed and shaped like ``args[i]``
+    (an initializer too when it has at most ``by_value`` elements), output ``i`` is ``out{i}``."""
+    inputs, inits = [], []
+    for i, (nm, a) in enumerate(zip(node.input, args)):
+        if nm and a is not None:
+            key = f"in{i}"
+            inputs.append(
+                helper.make_tensor_value_info(key, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+            )
+            if a.size <= by_value:
+                inits.append(numpy_helper.from_array(np.asarray(a), key))
+    names = [f"in{i}" if nm and a is not None else "" for i, (nm, a) in enumerate(zip(node.input, args))]
+    outs = [f"out{i}" for i in range(len(node.output))]
+    n = helper.make_node(node.op_type, names, outs, domain=node.domain)
+    n.attribute.extend(node.attribute)
+    g = helper.make_graph(
+        [n], "node", inputs, [helper.make_value_info(o, onnx.TypeProto()) for o in outs], inits
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
