@@ -253,6 +253,21 @@ CASES: dict[str, Case] = {
         "",
         "which would make 268,435,456 elements",
     ),
+    "bn-mean-of-a-data-dependent-size": Case(
+        _model(
+            lambda: conv_bn(
+                between=(
+                    helper.make_node("NonZero", ["mask"], ["where"]),
+                    helper.make_node("Reshape", ["where", "flat"], ["flat_where"]),
+                    helper.make_node("Cast", ["flat_where"], ["m2"], to=TensorProto.FLOAT),
+                ),
+                mean="m2",
+                extra=(const("mask", np.ones(C, np.float32)), const("flat", np.array([-1], np.int64))),
+            )
+        ),
+        "",
+        "is computed by NonZero '', which would make an unknown number of elements",
+    ),
     **{
         f"loader-{name}": Case(lambda name=name: malformed_bytes(name), MALFORMED[name][1])
         for name in ("raw-shorter-than-dims", "element-type-999", "dims-negative", "dims-product-overflows")
