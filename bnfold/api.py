@@ -183,13 +183,16 @@ def fold_path(
         raise InputError("fold_path: pass dst, or in_place=True")
     dst = src if dst is None else os.path.abspath(os.fspath(dst))
     if src == dst and not in_place:
-        raise InputError(f"{dst}: refusing to overwrite the input (write elsewhere, or use in-place mode)")
+        raise InputError(f"{dst}: refusing to overwrite the input (write elsewhere, or pass in_place=True)")
     if in_place and dst != src:
         raise InputError(f"fold_path: in_place=True writes over {src}; dst names another file ({dst})")
     src_dir, dst_dir = os.path.dirname(src), os.path.dirname(dst) or "."
     if not os.path.isdir(dst_dir):
         raise InputError(f"{dst}: cannot write: directory {dst_dir} does not exist")
     note = progress or (lambda _msg: None)
+    # whether the last make() left the graph as loaded: compared within one load, since a second
+    # lazy load of the same file names its weight stubs differently
+    graph_unchanged = [False]
 
     def make(
         excl: frozenset[str], out_path: str, location: str | None
@@ -202,7 +205,9 @@ def fold_path(
         if layout is None and _uses_external_data(model):
             layout = True
         note("folding")
+        before = model.graph.SerializeToString()  # weightless: lazy stubs, not the weights
         report = fold_model(model, base_dir=src_dir, exclude=excl)
+        graph_unchanged[0] = model.graph.SerializeToString() == before
         note("saving")
         save_model(model, out_path, source_dir=src_dir, external_data=layout, location=location)
         return out_path, report, model
@@ -225,7 +230,7 @@ def fold_path(
         if verify:
 
             def unchanged(folded: onnx.ModelProto) -> bool:
-                return folded.graph == load_model(src, lazy=True).graph
+                return graph_unchanged[0]
 
             done = fold_verified(
                 make_staged,

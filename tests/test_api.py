@@ -193,3 +193,35 @@ def test_progress_names_each_step_and_each_sample(rng, tmp_path):
         "verifying: sample 2/2",
         "verifying: folded weights",
     ]
+
+
+def test_unchanged_model_with_large_weights_is_not_run(tmp_path, monkeypatch):
+    """fold_path compared the folded graph with a second lazy load of the source, whose weight
+    stubs carry other tokens: a model with large weights and nothing to fold was always run by
+    onnxruntime (and any memory bomb in it executed). Compared within one load, it is not."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bnfold import fold_path
+    from bnfold.verify import run as vrun
+
+    w = numpy_helper.from_array(
+        np.random.default_rng(5).standard_normal((64, 64, 3, 3)).astype(np.float32), "W"
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["y"]), helper.make_node("Relu", ["y"], ["z"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 8, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [w],
+    )
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("onnxruntime ran an unchanged model")
+
+    monkeypatch.setattr(vrun, "verify_with", no_run)
+    result = fold_path(src, tmp_path / "o.onnx")
+    assert result.verification.passed and result.verification.compared_on == "unchanged"

@@ -137,7 +137,27 @@ def resolve_shapes(
                 what = f"'{dim}'" if dim else "unknown"
                 raise unfixed_error(d, f"input '{d.name}' dimension {i} ({what}) is not fixed")
         resolved[d.name] = tuple(out)
+    for name, shape in resolved.items():
+        _check_generable(name, shape)
     return resolved
+
+
+MAX_SAMPLE_ELEMENTS = 1 << 28
+"""Elements one generated input may have (1 GiB of float32): a declared or given shape past it is
+refused before anything is allocated, instead of exhausting memory."""
+
+
+def _check_generable(name: str, shape: tuple[int, ...]) -> None:
+    if any(s < 0 for s in shape):
+        raise InputError(f"input '{name}' declares negative size(s) {shape}: not a valid ONNX shape")
+    size = 1
+    for s in shape:
+        size *= s
+    if size > MAX_SAMPLE_ELEMENTS:
+        raise InputError(
+            f"input '{name}' of shape {shape} would be {size:,} elements per sample (at most "
+            f"{MAX_SAMPLE_ELEMENTS:,} are generated); pass a smaller shape, or real inputs",
+        )
 
 
 def unfixed_error(d: InputDecl, what: str) -> ShapeError:

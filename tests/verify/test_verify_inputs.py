@@ -69,3 +69,27 @@ def test_bool_tensors_stay_random():
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     (first,) = make_inputs(model, samples=1)
     assert 0 < first["mask"].sum() < first["mask"].size
+
+
+@pytest.mark.parametrize(
+    ("dims", "words"),
+    [([-1, 3, 8, 8], "negative"), ([1, 3, 1 << 40, 8], "elements per sample")],
+    ids=["negative", "huge"],
+)
+def test_hostile_declared_input_shapes_are_input_errors(dims, words):
+    """An input declared [-1, 3, 8, 8] crashed input generation (ValueError, exit 3) and one
+    declared [1, 3, 2**40, 8] raised MemoryError: both are bad input, refused before allocating."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from bnfold import InputError, verify
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(InputError, match=words):
+        verify(model, onnx.ModelProto.FromString(model.SerializeToString()))
