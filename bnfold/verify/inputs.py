@@ -356,7 +356,17 @@ def _check_array(d: InputDecl, value: Any, where: str) -> np.ndarray:
     if array.dtype != dtype:
         if not np.can_cast(array.dtype, dtype, casting="same_kind"):
             raise InputError(f"{where}: input '{d.name}' is {array.dtype}, the model wants {dtype.name}")
-        array = array.astype(dtype)
+        cast = array.astype(dtype)
+        with np.errstate(all="ignore"):
+            back = cast.astype(array.dtype)
+        same = (back == array) | (np.isnan(back) & np.isnan(array) if array.dtype.kind in "fc" else False)
+        if not np.all(same):
+            changed = int(array.size - np.count_nonzero(same))
+            raise InputError(
+                f"{where}: input '{d.name}' is {array.dtype} and {changed} of its {array.size} values change "
+                f"when cast to the model's {dtype.name}; pass {dtype.name} values"
+            )
+        array = cast
     if d.dims is not None and (
         len(d.dims) != array.ndim or any(isinstance(x, int) and x != s for x, s in zip(d.dims, array.shape))
     ):

@@ -93,3 +93,24 @@ def test_hostile_declared_input_shapes_are_input_errors(dims, words):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(InputError, match=words):
         verify(model, onnx.ModelProto.FromString(model.SerializeToString()))
+
+
+def test_api_refuses_inputs_whose_cast_changes_values():
+    """The API cast float64 inputs to float32 silently (only the CLI refused lossy casts), so a
+    comparison could run on values nobody gave. A cast that keeps every value is still taken."""
+    from onnx import TensorProto, helper
+
+    from bnfold import InputError
+    from bnfold.verify.inputs import declared_inputs, user_samples
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    decls = declared_inputs(graph)
+    exact, _ = user_samples({"x": np.array([0.5, 2.0])}, decls)
+    assert exact[0]["x"].dtype == np.float32
+    with pytest.raises(InputError, match="1 of its 2 values change"):
+        user_samples({"x": np.array([0.1, 2.0])}, decls)
