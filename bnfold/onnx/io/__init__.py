@@ -5,7 +5,7 @@
 ``external``  external data references: parsed as onnxruntime does, resolved safely; typed stubs;
               deferred folds (values computed from a stub's bytes where they are written)
 ``tensors``   tensor values checked against type and shape, read embedded or from files
-``validate``  names that must decode as UTF-8
+``validate``  names that must decode as UTF-8; node arity against the operator schemas
 ``load``      ``load_model``, eager or lazy (stubs into the file, no payload read)
 ``sink``      buffered sequential writes, in-kernel copies, deferred folds computed in blocks
 ``atomic``    the one atomic-write primitive (text, model, model + data), SIGTERM, stale cleanup
