@@ -53,6 +53,7 @@ import onnx
 from onnx import helper
 
 from .. import fold_math
+from ..onnx.attrs import attr
 from ..onnx.constants import NotConstant
 from ..onnx.graph import Scope, main_scope
 from ..onnx.sources import inference_problem
@@ -166,7 +167,7 @@ def _layer(scope: Scope, name: str) -> _Layer:
     node = scope.producer.get(name)
     while node is not None and node.domain in _DEFAULT_DOMAINS and node.op_type in _PATHS:
         if node.op_type == "Transpose":
-            perm = _attrs(node).get("perm")
+            perm = attr(node, "perm", None, "INTS")
             if perm is None:
                 raise _Skip("a Transpose without perm on the path")
             axis, rank = int(perm[axis]), len(perm)
@@ -239,7 +240,7 @@ def _bias(scope: Scope, layer: _Layer, channels: int) -> np.ndarray | None:
     vec = fold_math.channel_vector(value, channels)
     if vec is None:
         raise _Skip(f"bias of shape {value.shape} is not per output column")
-    return vec * float(np.float32(_attrs(node).get("beta", 1.0))) if node.op_type == "Gemm" else vec
+    return vec * float(np.float32(attr(node, "beta", 1.0, "FLOAT"))) if node.op_type == "Gemm" else vec
 
 
 BLOCK_ELEMENTS = 1 << 16
@@ -354,7 +355,7 @@ def _check_one(
     ref_layer = _layer(ref, bn.input[0])
     axis, groups = _layout(ref_layer, cand_layer, w_new.ndim)
     gamma, beta, mean, var = (_constant(ref, n).astype(np.float64).reshape(-1) for n in bn.input[1:5])
-    eps = float(_attrs(bn).get("epsilon", fold_math.DEFAULT_EPSILON))
+    eps = float(attr(bn, "epsilon", fold_math.DEFAULT_EPSILON, "FLOAT"))
     aff = fold_math.bn_affine(gamma, beta, mean, var, eps)
     w = _constant(ref, _input(ref_layer.node, 1))
     if w.ndim < 2 or w.shape[axis] * max(1, groups) != aff.channels:
