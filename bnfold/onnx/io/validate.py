@@ -9,17 +9,18 @@ later.
 its operator schema requires, and a ``Constant`` holds exactly one value. Only what would crash
 the pass (it indexes a node's inputs and outputs by position) is checked: names nothing defines,
 duplicate outputs and the like are left to onnxruntime; ``onnx.checker`` is too strict and too
-slow for large models.
+slow for large models. The schemas' minimums come from a table generated from onnx
+(:mod:`bnfold.onnx.io.arity`), so a load does not import onnx.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from functools import cache
-
-import onnx
 
 from bnfold.errors import InputError
+from bnfold.onnxlib import onnx
+
+from .arity import min_arity
 
 
 def _bad(values: Iterable[object]) -> object | None:
@@ -77,16 +78,6 @@ def check_names(model: onnx.ModelProto, path: str) -> None:
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
-@cache
-def _arity(op_type: str, opset: int) -> tuple[int, int] | None:
-    """``(min inputs, min outputs)`` of a default-domain operator at ``opset``; None if unknown."""
-    try:
-        schema = onnx.defs.get_schema(op_type, opset, "")
-    except Exception:  # noqa: BLE001 - an unknown op or opset: onnxruntime decides
-        return None
-    return schema.min_input, schema.min_output
-
-
 def _bodies(model: onnx.ModelProto) -> Iterator[tuple[Iterable[onnx.NodeProto], int, str]]:
     """``(nodes, default-domain opset, where)`` for the main graph, every function and every
     subgraph; iterative, so a deep nesting of subgraphs cannot exhaust Python's stack."""
@@ -117,7 +108,7 @@ def check_arity(model: onnx.ModelProto) -> None:
             label = f"{'node ' + repr(name) if name else 'an unnamed node'} ({node.op_type}) in the {where}"
             if node.op_type == "Constant" and len(node.attribute) != 1:
                 raise InputError(f"{label} has {len(node.attribute)} attributes, expected one value")
-            need = _arity(node.op_type, opset)
+            need = min_arity(node.op_type, opset)  # None: an unknown op or opset, onnxruntime decides
             if need is None:
                 continue
             if len(node.input) < need[0]:
