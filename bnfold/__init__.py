@@ -32,7 +32,7 @@ from .report import (
     VerifyReport,
     VerifyStatus,
 )
-from .verify import VerifyOptions, verify
+from .verify.options import VerifyOptions
 
 __version__ = "0.1.0"
 
@@ -65,6 +65,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "verify":  # lazy: verification loads onnxruntime and onnx
+        from .verify.run import verify
+
+        return verify
     if name in ("fold_module", "export"):
         from . import torch as bnfold_torch
 

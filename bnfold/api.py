@@ -25,14 +25,13 @@ import os
 import time
 from collections.abc import Callable, Collection, Sequence
 
-import onnx
+from bnfold.onnxlib import onnx
 
 from .errors import InputError
 from .onnx.fold import count_bn, fold_model
 from .onnx.io import Staging, is_lazy, load_model, save_model
 from .report import FoldReport, FoldResult
-from .verify import VerifyOptions, fold_verified, verify_options
-from .verify.options import DEFAULT, InputsLike, Shapes
+from .verify.options import DEFAULT, InputsLike, Shapes, VerifyOptions, verify_options
 
 __all__ = ["Progress", "analyze_onnx", "count_bn", "fold_loaded", "fold_onnx", "fold_path"]
 
@@ -125,6 +124,8 @@ def fold_loaded(
         work = _copy(model)
         rep = fold_model(work, base_dir=base_dir, exclude=excl)
         return work, rep, work
+
+    from .verify.rollback import fold_verified  # lazy: onnxruntime and onnx are loaded to verify
 
     done = fold_verified(
         make,
@@ -231,6 +232,8 @@ def fold_path(
 
             def unchanged(folded: onnx.ModelProto) -> bool:
                 return graph_unchanged[0]
+
+            from .verify.rollback import fold_verified
 
             done = fold_verified(
                 make_staged,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
-    import onnx
+    from bnfold.onnxlib import onnx
 
 
 class SkipReason(str, enum.Enum):

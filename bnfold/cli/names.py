@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-import onnx
 import typer
 
 from bnfold.onnx.graph import is_op, walk_graphs
+from bnfold.onnxlib import onnx
 
 
 def exclude_outputs(model: onnx.ModelProto, names: Sequence[str], *, path: str) -> tuple[str, ...]:

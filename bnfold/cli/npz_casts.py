@@ -9,9 +9,9 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import typer
-from onnx import helper
+
+from bnfold.onnxlib import onnx
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def npz_casts(
         return ()
     initializers = {t.name for t in model.graph.initializer}
     wanted = {
-        i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+        i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
         for i in model.graph.input
         if i.name not in initializers and i.type.HasField("tensor_type") and i.type.tensor_type.elem_type
     }

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import os
 
-import onnx
-
 from bnfold.cli.results import ModelStats
 from bnfold.onnx.graph import walk_graphs
 from bnfold.onnx.io import is_lazy, load_model
+from bnfold.onnxlib import onnx
 
 
 def model_stats(model: onnx.ModelProto, path: str | os.PathLike[str]) -> ModelStats:

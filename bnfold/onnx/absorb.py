@@ -23,11 +23,12 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
-import onnx
-from onnx import helper
+
+from bnfold.onnxlib import onnx
 
 from .. import fold_math
 from ..report import SkipReason
+from . import protos
 from .attrs import attr
 from .constants import NotConstant
 from .graph import Scope, is_op
@@ -274,7 +275,7 @@ def check_matmul(scope: Scope, node: onnx.NodeProto, source: Source) -> Plan | R
         return _plan(source, node, (node,), writes, attrs=attrs, op_type=(node, "Gemm"))
     if isinstance(c_new, np.ndarray) and not np.any(c_new):
         return _plan(source, node, (node,), [(node, 1, b_new, "weight")])
-    add = helper.make_node("Add", [node.output[0], ""], [""])  # apply names it
+    add = protos.make_node("Add", [node.output[0], ""], [""])  # apply names it
     writes = [(node, 1, b_new, "weight"), (add, 1, c_new, "bias")]
     return _plan(source, node, (node, add), writes, new_nodes=((add, node),))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import onnx
+from bnfold.onnxlib import onnx
 
 from ..errors import InputError
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import onnx
+from bnfold.onnxlib import onnx
 
 from ..fold_math import Affine
 from ..report import SkipReason

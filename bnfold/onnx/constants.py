@@ -13,11 +13,12 @@ import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+
+from bnfold.onnxlib import onnx
 
 from ..errors import InputError
 from ..report import SkipReason
+from . import protos
 from .attrs import attr
 
 if TYPE_CHECKING:  # the protocol below is what this module reads; graph.Scope implements it
@@ -160,9 +161,9 @@ def _from_metadata(scope: ConstantScope, node: onnx.NodeProto, *, what: str, dep
     if node.op_type == "CastLike":
         elem = scope.elem_type(subject)
         if elem is None or elem == onnx.TensorProto.UNDEFINED:
-            elem = helper.np_dtype_to_tensor_dtype(resolve(scope, subject, what=what, depth=depth + 1).dtype)
+            elem = protos.data_type_of(resolve(scope, subject, what=what, depth=depth + 1).dtype)
         value = resolve(scope, node.input[0], what=what, depth=depth + 1)
-        return value.astype(helper.tensor_dtype_to_np_dtype(elem))
+        return value.astype(protos.np_dtype(elem))
     shape = scope.shape(subject)
     if shape is None or not all(isinstance(d, int) for d in shape):
         try:
@@ -189,7 +190,7 @@ def _clamp(axis: int, rank: int) -> int:
 def read_initializer(tensor: onnx.TensorProto, base_dir: str | None) -> np.ndarray:
     """An initializer's values, reading external data (or a lazy stub) relative to ``base_dir``."""
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return numpy_helper.to_array(tensor)
+        return protos.to_array(tensor)
     from .io import read_array  # lazy: the pass loads I/O only for external data
 
     return read_array(tensor, base_dir)
@@ -200,7 +201,7 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     name = node.attribute[0].name
     if name == "value":
         try:
-            return numpy_helper.to_array(attr(node, name, None, "TENSOR"))
+            return protos.to_array(attr(node, name, None, "TENSOR"))
         except (TypeError, ValueError) as e:  # a tensor the loader did not see: an in-memory model
             raise InputError(
                 f"Constant {node.name or node.output[0]!r}: its value cannot be read ({e})"
@@ -272,16 +273,14 @@ def _node_model(
     for i, (nm, a) in enumerate(zip(node.input, args)):
         if nm and a is not None:
             key = f"in{i}"
-            inputs.append(
-                helper.make_tensor_value_info(key, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
-            )
+            inputs.append(protos.make_tensor_value_info(key, protos.data_type_of(a.dtype), a.shape))
             if a.size <= by_value:
-                inits.append(numpy_helper.from_array(np.asarray(a), key))
+                inits.append(protos.from_array(np.asarray(a), key))
     names = [f"in{i}" if nm and a is not None else "" for i, (nm, a) in enumerate(zip(node.input, args))]
     outs = [f"out{i}" for i in range(len(node.output))]
-    n = helper.make_node(node.op_type, names, outs, domain=node.domain)
+    n = protos.make_node(node.op_type, names, outs, domain=node.domain)
     n.attribute.extend(node.attribute)
-    g = helper.make_graph(
-        [n], "node", inputs, [helper.make_value_info(o, onnx.TypeProto()) for o in outs], inits
+    g = onnx.helper.make_graph(
+        [n], "node", inputs, [onnx.helper.make_value_info(o, onnx.TypeProto()) for o in outs], inits
     )
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    return onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", opset)])

@@ -23,7 +23,8 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import onnx
+
+from bnfold.onnxlib import onnx
 
 from ..fold_math import Affine
 from ..report import Folded, FoldReport, Skipped, SkipReason

@@ -23,11 +23,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
-import onnx
-from onnx import helper
+
+from bnfold.onnxlib import onnx
 
 from .. import fold_math
 from ..report import SkipReason
+from . import protos
 from .attrs import attr
 from .constants import NotConstant
 from .graph import Scope, is_op, node_id
@@ -288,7 +289,7 @@ def _matmul(scope: Scope, mm: onnx.NodeProto, source: Source) -> Plan | Reject:
         if isinstance(values, Reject):
             return values
         return Plan(source=source, absorber=mm, chain=(mm,), values=values)
-    add = helper.make_node("Add", [mm.output[0], ""], [""])  # apply names it
+    add = protos.make_node("Add", [mm.output[0], ""], [""])  # apply names it
     values = _values((mm, 1, scaled, "weight"), (add, 1, c_new, "bias"))
     if isinstance(values, Reject):
         return values

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnx
-from onnx import helper
 
-from . import constants
+from bnfold.onnxlib import onnx
+
+from . import constants, protos
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ def infer_types(model: onnx.ModelProto) -> dict[str, tuple[int, Shape | None]]:
     declared = {v.name for v in g.input}
     for t in src.initializer:
         if _is_large(t) and t.name not in declared:
-            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            g.input.append(protos.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     _strip_large_data(g)  # subgraphs' initializers
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
@@ -402,7 +402,7 @@ def _strip_large_data(g: onnx.GraphProto) -> None:
     for t in g.initializer:
         if _is_large(t):
             if t.name not in declared:
-                g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+                g.input.append(protos.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
             keep.append(t)
     if len(keep) != len(g.initializer):

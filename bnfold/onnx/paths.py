@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import onnx
+from bnfold.onnxlib import onnx
 
 from ..report import SkipReason
 from .attrs import attr

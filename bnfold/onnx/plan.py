@@ -11,7 +11,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import onnx
+
+from bnfold.onnxlib import onnx
 
 from ..fold_math import Affine, ScaledWeight
 from ..report import SkipReason

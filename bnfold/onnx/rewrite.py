@@ -23,10 +23,11 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+
+from bnfold.onnxlib import onnx
 
 from ..fold_math import ScaledWeight
+from . import protos
 from .graph import Scope, metadata_inputs, node_id
 from .plan import Plan
 
@@ -220,7 +221,7 @@ def set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
     if len(keep) != len(node.attribute):
         del node.attribute[:]
         node.attribute.extend(keep)
-    node.attribute.append(helper.make_attribute(name, value))
+    node.attribute.append(protos.make_attribute(name, value))
 
 
 def set_input(
@@ -251,7 +252,7 @@ def set_input(
             new_t = _deferred(t, value, name)
             value = value.apply() if new_t is None else value
         if not isinstance(value, ScaledWeight):
-            new_t = numpy_helper.from_array(value, name)
+            new_t = protos.from_array(value, name)
         new_t.doc_string = t.doc_string
         t.CopyFrom(new_t)
         scope.initializers[name] = t
@@ -277,7 +278,7 @@ def set_input(
 def _deferred(t: onnx.TensorProto, value: ScaledWeight, name: str) -> onnx.TensorProto | None:
     """``t`` renamed to ``name``, holding ``value`` computed from its own bytes when it is saved
     or read (:func:`bnfold.onnx.io.defer_scaled`); None when ``t``'s bytes are in memory (they
-    are computed now). Holds the fields ``numpy_helper.from_array`` writes, and the doc string."""
+    are computed now). Holds the fields ``protos.from_array`` writes, and the doc string."""
     if t.data_location != onnx.TensorProto.EXTERNAL or t.HasField("raw_data"):
         return None
     from .io import defer_scaled  # lazy: only a model with data in files gets here
@@ -295,15 +296,15 @@ def _rename_declarations(graph: onnx.GraphProto, old: str, new: str) -> None:
 def add_constant(scope: Scope, base: str, value: np.ndarray, *, before: onnx.NodeProto) -> str:
     """A new constant named after ``base``: an initializer, or a Constant node in a function body."""
     name = scope.ns.fresh_name(base)
-    tensor = numpy_helper.from_array(value, name)
+    tensor = protos.from_array(value, name)
     if scope.graph is not None:
         scope.graph.initializer.append(tensor)
         scope.initializers[name] = scope.graph.initializer[-1]  # append() stored a copy
         if scope.index.ir_version <= 3 and scope.parent is None:
-            scope.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+            scope.graph.input.append(protos.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
             scope.formal_inputs.add(name)
     else:
-        node = helper.make_node(
+        node = protos.make_node(
             "Constant", [], [name], value=tensor, name=scope.ns.fresh_name(name + "_const")
         )
         key = node_id(before)

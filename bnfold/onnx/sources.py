@@ -18,7 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
+
+from bnfold.onnxlib import onnx
 
 from .. import fold_math
 from ..report import SkipReason

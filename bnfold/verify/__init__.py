@@ -12,12 +12,41 @@
 
 from __future__ import annotations
 
-from .compare import CHANNEL_SCALE_FLOOR, DEFAULT_RTOL
-from .inputs import load_inputs, make_inputs
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .options import VerifyOptions, verify_options
-from .rollback import Verified, fold_verified
-from .run import verify, verify_with
-from .weights import WEIGHT_ULPS, WeightCheck, check_weights
+
+if TYPE_CHECKING:
+    from .compare import CHANNEL_SCALE_FLOOR, DEFAULT_RTOL
+    from .inputs import load_inputs, make_inputs
+    from .rollback import Verified, fold_verified
+    from .run import verify, verify_with
+    from .weights import WEIGHT_ULPS, WeightCheck, check_weights
+
+_LAZY = {
+    "CHANNEL_SCALE_FLOOR": "compare",
+    "DEFAULT_RTOL": "compare",
+    "load_inputs": "inputs",
+    "make_inputs": "inputs",
+    "Verified": "rollback",
+    "fold_verified": "rollback",
+    "verify": "run",
+    "verify_with": "run",
+    "WEIGHT_ULPS": "weights",
+    "WeightCheck": "weights",
+    "check_weights": "weights",
+}
+"""Names served from their modules on first use: they import onnx and onnxruntime, which a
+fold without verification (``import bnfold.verify.options`` included) must not pay for."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "CHANNEL_SCALE_FLOOR",

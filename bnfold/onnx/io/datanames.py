@@ -14,9 +14,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import onnx
-
 from bnfold.errors import BnfoldError, InputError
+from bnfold.onnxlib import onnx
 
 from .external import is_inside, resolve_location
 from .wire import (

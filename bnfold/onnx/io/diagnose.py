@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import onnx
-
 from bnfold.errors import InputError
+from bnfold.onnxlib import onnx
 
 from .wire import Buffer, WireError, field_table, iter_fields
 

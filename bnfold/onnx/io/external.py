@@ -37,10 +37,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
 from bnfold.errors import InputError
 from bnfold.fold_math import ScaledWeight
+from bnfold.onnx import protos
+from bnfold.onnxlib import onnx
 
 EXTERNAL = onnx.TensorProto.EXTERNAL
 TOKEN_PREFIX = "bnfold-lazy:"
@@ -230,7 +231,7 @@ def defer_scaled(tensor: onnx.TensorProto, recipe: ScaledWeight, name: str) -> o
     if (
         not np.little_endian
         or scaled_of(tensor) is not None
-        or np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)) != recipe.dtype
+        or protos.np_dtype(tensor.data_type) != recipe.dtype
         or tuple(tensor.dims) != recipe.shape
     ):
         return None

@@ -23,10 +23,10 @@ import mmap
 import os
 import stat
 
-import onnx
 from google.protobuf.message import DecodeError
 
 from bnfold.errors import InputError
+from bnfold.onnxlib import onnx
 
 from .diagnose import check_model_fields, diagnose
 from .external import (

@@ -23,10 +23,9 @@ import logging
 import os
 from dataclasses import dataclass
 
-import onnx
-
 from bnfold.errors import BnfoldError, InputError
 from bnfold.fold_math import ScaledWeight
+from bnfold.onnxlib import onnx
 
 from .atomic import check_output, commit, create_temp, kill_point, remove_stale, terminate_as_exit
 from .datanames import choose_data_name, obsolete_data_files, old_data_files

@@ -10,10 +10,10 @@ import sys
 from collections.abc import Callable
 
 import numpy as np
-import onnx
 
 from bnfold.errors import InputError
 from bnfold.fold_math import ScaledWeight
+from bnfold.onnxlib import onnx
 
 from .external import read_bytes, scaled_of
 from .wire import release_pages

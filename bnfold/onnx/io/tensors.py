@@ -8,15 +8,16 @@ externally -- is an :class:`~bnfold.errors.InputError` with one line, never a ``
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
 from bnfold.errors import InputError
+from bnfold.onnx import protos
+from bnfold.onnxlib import onnx
 
 from .external import is_external, payload_span, read_bytes, set_embedded
 
@@ -54,26 +55,25 @@ class _Type:
     """Typed values per element: 2 for complex numbers, else 1."""
 
 
-def _type_table() -> dict[int, _Type]:
-    table = {}
-    for name, number in onnx.TensorProto.DataType.items():
-        if number == onnx.TensorProto.UNDEFINED:
-            continue
-        try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(number))
-            field = _TYPED_FIELDS.index(onnx.helper.tensor_dtype_to_field(number))
-        except (KeyError, ValueError, TypeError):  # pragma: no cover - a type onnx cannot convert
-            continue
-        table[number] = _Type(dtype, _BITS.get(number, 0), field, 2 if name.startswith("COMPLEX") else 1)
-    return table
+@functools.cache
+def _type_info(number: int) -> _Type | None:
+    """What element type ``number`` needs; None for UNDEFINED and numbers onnx does not know.
 
-
-_TYPES = _type_table()
+    Plain numeric types need no onnx import (:mod:`bnfold.onnx.protos`); the others ask onnx."""
+    if number == onnx.TensorProto.UNDEFINED:
+        return None
+    try:
+        name = onnx.TensorProto.DataType.Name(number)
+        dtype = protos.np_dtype(number)
+        field = _TYPED_FIELDS.index(protos.typed_field(number))
+    except (KeyError, ValueError, TypeError):  # a type onnx cannot convert
+        return None
+    return _Type(dtype, _BITS.get(number, 0), field, 2 if name.startswith("COMPLEX") else 1)
 
 
 def tensor_dtype(tensor: onnx.TensorProto, where: str) -> np.dtype:
     """The numpy dtype of ``tensor``'s element type; InputError for UNDEFINED or unknown ones."""
-    info = _TYPES.get(tensor.data_type)
+    info = _type_info(tensor.data_type)
     if info is None:
         raise InputError(
             f"{where}: tensor '{tensor.name or '<tensor>'}' has unknown data type {tensor.data_type}"
@@ -103,7 +103,7 @@ def check_tensor(
 
     Called for every tensor a load sees, so it reads each field once and calls little.
     """
-    info = _TYPES.get(tensor.data_type)
+    info = _type_info(tensor.data_type)
     if info is None:
         tensor_dtype(tensor, where)
     count = element_count(tensor, where)
@@ -168,7 +168,7 @@ def read_array(tensor: onnx.TensorProto, base_dir: str | None = None) -> np.ndar
         copy.ClearField("data_location")
         tensor = copy
     try:
-        return numpy_helper.to_array(tensor)
+        return protos.to_array(tensor)
     except (ValueError, TypeError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as err:
         shape = tuple(tensor.dims)
         raise InputError(f"{where}: its data does not fit its shape {shape} and type ({err})") from None
@@ -186,7 +186,7 @@ def _read_external(tensor: onnx.TensorProto, base_dir: str | None, where: str) -
         tmp = onnx.TensorProto()
         tmp.CopyFrom(tensor)
         set_embedded(tmp, read_bytes(path, offset, length))
-        return numpy_helper.to_array(tmp)
+        return protos.to_array(tmp)
     stored = dtype if np.little_endian else dtype.newbyteorder("<")  # raw data is little-endian
     array = np.fromfile(path, dtype=stored, count=count, offset=offset)
     if array.size != count:

@@ -12,9 +12,8 @@ import mmap
 from collections.abc import Iterator
 from typing import Any
 
-import onnx
-
 from bnfold.errors import InputError
+from bnfold.onnxlib import onnx
 
 F_MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 F_GRAPH_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
