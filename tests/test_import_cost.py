@@ -255,14 +255,61 @@ def test_analyze_onnx_imports_no_onnx(model_dir: Path, case: str) -> None:
     assert result["report"]["bn_folded"] == {"external": 3, "gemm_bn": 1}[case]
 
 
-@pytest.mark.parametrize("extra", [[], ["--json"]], ids=["table", "json"])
-@pytest.mark.parametrize("case", ["external", "gemm_bn"])
+@pytest.mark.parametrize(
+    ("case", "extra"), [("external", []), ("gemm_bn", ["--json"])], ids=["table", "json"]
+)
 def test_check_imports_no_onnx(model_dir: Path, case: str, extra: list[str]) -> None:
     """``bnfold check MODEL`` (the CI command) verifies nothing without --against: no onnx. Exit 1:
     the models' BN are foldable findings."""
     result = probe("cli", "check", *extra, _src(model_dir, case))
     assert result["code"] == 1
     assert result["imported"] == []
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["fold", "--json", "--external-data"], ["-v", "--exclude", "bn"]],
+    ids=["fold-json-external", "verbose-exclude"],
+)
+def test_cli_fold_options_import_no_onnx(model_dir: Path, tmp_path: Path, options: list[str]) -> None:
+    """The report, logging and layout options of a fold without verification import no onnx."""
+    head = options[:1] if options[0] == "fold" else []
+    rest = options[len(head) :]
+    args = [*head, _src(model_dir, "gemm_bn"), "-o", tmp_path / "out.onnx", "--no-verify", *rest]
+    result = probe("cli", *args)
+    assert result["code"] == 0
+    assert (tmp_path / "out.onnx").exists()
+    assert result["imported"] == []
+
+
+def test_the_real_entry_point_imports_no_onnx(model_dir: Path, tmp_path: Path) -> None:
+    """``python -m bnfold MODEL -o OUT --no-verify`` as a user runs it: ``-X importtime`` lists every
+    module the interpreter imported; none is watched."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "bnfold",
+            str(_src(model_dir, "external")),
+            "-o",
+            str(tmp_path / "out.onnx"),
+            "--no-verify",
+            "-q",
+        ],
+        check=False,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    imported = {ln.rsplit("|", 1)[1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+    assert {"bnfold.cli", "bnfold.onnx.protos", "numpy"} <= imported  # the listing is read right
+    assert sorted(imported & set(WATCHED)) == []
+    assert not [m for m in imported if m.startswith(("onnx.", "ml_dtypes.", "onnxruntime."))]
 
 
 def test_probe_sees_an_onnx_import(tmp_path: Path) -> None:
