@@ -15,7 +15,7 @@ Public API::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .api import analyze_onnx, fold_onnx, fold_path
 from .errors import BnfoldError, InputError, MissingDependencyError, ShapeError, VerificationError
@@ -64,11 +64,19 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name == "verify":  # lazy: verification loads onnxruntime and onnx
-        from .verify.run import verify
+if TYPE_CHECKING:
+    from .verify.run import verify
+else:
 
-        return verify
+    def verify(*args: Any, **kwargs: Any) -> VerifyReport:
+        """:func:`bnfold.verify.run.verify`, imported on first call: verification loads
+        onnxruntime and onnx, which ``import bnfold`` and a fold without verification do not."""
+        from .verify.run import verify as run
+
+        return run(*args, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
     if name in ("fold_module", "export"):
         from . import torch as bnfold_torch
 

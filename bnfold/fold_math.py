@@ -158,8 +158,11 @@ class ScaledWeight:
     shape: tuple[int, ...]
     source: np.ndarray | None = None
 
-    def rows(self, w: np.ndarray, start: int) -> np.ndarray:
-        """Rows ``start : start + n`` (along axis 0) of the result, from the same rows of W."""
+    def rows(self, w: np.ndarray, start: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``start : start + n`` (along axis 0) of the result, from the same rows of W.
+
+        ``out``: a buffer of at least ``w.size`` elements of the dtype to write them into (a
+        writer reuses one, so no block costs fresh pages)."""
         w = np.asarray(w).reshape((-1,) + self.shape[1:])
         n, ndim = w.shape[0], len(self.shape)
         s = self.scale
@@ -174,10 +177,10 @@ class ScaledWeight:
             shape = [1] * ndim
             shape[self.axis] = s.shape[0]
             s_b = s.reshape(shape)
-        out = np.empty(w.shape, dtype=self.dtype)
+        result = np.empty(w.shape, dtype=self.dtype) if out is None else out[: w.size].reshape(w.shape)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-            np.multiply(w, s_b, out=out, dtype=np.float64, casting="unsafe")
-        return out
+            np.multiply(w, s_b, out=result, dtype=np.float64, casting="unsafe")
+        return result
 
     def apply(self, weight: np.ndarray | None = None) -> np.ndarray:
         """The whole result, from ``weight`` (default: ``source``)."""

@@ -79,6 +79,7 @@ class _Onnx(types.ModuleType):
         value = getattr(messages, name, None)
         if value is None or name[0].islower():  # helper, defs, shape_inference, load, ...
             value = getattr(full_import(), name)
+        setattr(self, name, value)  # later lookups find it directly
         return value
 
 

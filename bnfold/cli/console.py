@@ -250,9 +250,9 @@ class Ui:
 
     def progress(self, message: str) -> None:
         """A step: a timed line on stderr with --verbose, else the spinner's text."""
-        from rich.text import Text
-
         if self.verbose:
+            from rich.text import Text
+
             self.err.print(
                 Text.assemble((f"{time.perf_counter() - self._start:7.2f}s ", "dim"), printable(message))
             )

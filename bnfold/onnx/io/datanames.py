@@ -54,7 +54,10 @@ def old_data_files(out_path: str) -> set[str]:
 
 def _tensor_paths(descriptor: Any) -> dict[int, Any]:
     """Fields of ``descriptor`` whose messages can hold a TensorProto: number -> descriptor."""
-    return _TENSOR_PATHS.setdefault(descriptor.full_name, _find_tensor_paths(descriptor, set()))
+    found = _TENSOR_PATHS.get(descriptor.full_name)
+    if found is None:  # not setdefault: its argument would walk the descriptors on every call
+        found = _TENSOR_PATHS[descriptor.full_name] = _find_tensor_paths(descriptor, set())
+    return found
 
 
 _TENSOR_PATHS: dict[str, dict[int, Any]] = {}

@@ -7,7 +7,7 @@ import functools
 import mmap
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -37,6 +37,7 @@ class Sink:
         self.pos = 0
         self._buf = bytearray()
         self._synced = 0
+        self._scratch: tuple[np.ndarray, np.ndarray] | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if len(data) >= WRITE_BUFFER:
@@ -58,6 +59,43 @@ class Sink:
         self.flush()
         copy_range(src_fd, self.fd, offset, length)
         self.pos += length
+        self._writeback()
+
+    def scratch(self, nbytes: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """Two buffers of ``nbytes`` for blocks being computed and written, kept for the whole
+        save: touching fresh pages for every block costs more than the multiply."""
+        if self._scratch is None or self._scratch[0].nbytes < nbytes:
+            self._scratch = (np.empty(nbytes, dtype=np.uint8), np.empty(nbytes, dtype=np.uint8))
+        first, second = self._scratch
+        usable = nbytes - nbytes % dtype.itemsize
+        return first[:usable].view(dtype), second[:usable].view(dtype)
+
+    def write_overlapped(self, blocks: Iterator[memoryview]) -> None:
+        """Write ``blocks`` in order while the next one is being made.
+
+        A second thread writes block k while the caller's generator computes block k + 1 (numpy
+        and ``os.write`` release the GIL, so the multiply and the kernel's copy run on two cores).
+        At most two blocks are in flight: the generator may reuse the buffer of block k - 1 once
+        it is asked for block k + 1, which is only after block k - 1 was written.
+        """
+        from concurrent.futures import Future, ThreadPoolExecutor  # only a fold's save needs it
+
+        self.flush()
+        with ThreadPoolExecutor(1, thread_name_prefix="bnfold-write") as pool:
+            previous: Future[None] | None = None
+            try:
+                for block in blocks:
+                    current = pool.submit(write_all, self.fd, block)
+                    if previous is not None:
+                        previous.result()
+                    previous = current
+                    self.pos += len(block)
+                if previous is not None:
+                    previous.result()
+            except BaseException:
+                if previous is not None:
+                    previous.cancel()
+                raise
         self._writeback()
 
     def flush(self) -> None:
@@ -151,16 +189,21 @@ def write_scaled(recipe: ScaledWeight, src_fd: int, offset: int, length: int, si
         mm = mmap.mmap(src_fd, offset + length - start_map, access=mmap.ACCESS_READ, offset=start_map)
     except (OSError, ValueError) as err:
         raise InputError(f"cannot map the source of a folded tensor at offset {offset} ({err})") from None
-    released = 0
-    try:
-        for start in range(0, rows, step):
+    buffers = sink.scratch(step * row_bytes, recipe.dtype)
+
+    def blocks() -> Iterator[memoryview]:
+        released = 0
+        for k, start in enumerate(range(0, rows, step)):
             n = min(step, rows - start)
             at = offset - start_map + start * row_bytes
             block = np.frombuffer(mm, dtype=stored, count=n * row_bytes // stored.itemsize, offset=at)
-            out = recipe.rows(block, start)
+            out = recipe.rows(block, start, out=buffers[k % 2])
             del block  # no view may outlive the mapping
-            sink.write(memoryview(out).cast("B"))
+            yield memoryview(out).cast("B")
             released = release_pages(mm, released, at + n * row_bytes)
+
+    try:
+        sink.write_overlapped(blocks())
     finally:
         mm.close()
 
