@@ -7,8 +7,9 @@ the same fold writes in this process, where the real package was imported first.
 
 Converter-shaped models whose fold needs onnx's shape inference or its reference evaluator may
 import onnx; they are listed in ``NEEDS_ONNX`` with the reason. Models on the common path
-(Conv/Gemm/MatMul + BN or a Mul/Add chain) that import it today although their fold only needs a
-rank or an element type the model declares are strict xfails naming where the import happens.
+(Conv/Gemm/MatMul + BN or a Mul/Add chain) that import it today although their fold needs no more
+than a rank the model declares or its producer implies are strict xfails naming where the import
+happens; when it stops, the xfail fails and the mark goes.
 """
 
 from __future__ import annotations
@@ -55,34 +56,42 @@ print("PROBE " + json.dumps({"code": code, "report": report, "imported": [m for 
 """.replace("__WATCHED__", repr(WATCHED))
 
 # Why a converter model's fold may import onnx: what it needs that only onnx computes.
+_EVALUATED = (
+    "evaluated with onnx's reference evaluator after shape inference on the node sizes its output "
+    "(constants.py output_size/evaluate)"
+)
 NEEDS_ONNX = {
     "levit-linear-bn": "Reshape (B,N,C)->(B*N,C): its static input/output shapes prove the channel axis (paths.py)",
     "trap-reshape-merges-channel": "Reshape: static shapes prove it merges the channel axis (paths.py)",
     "mixnet-concat-bn": "Concat split: each branch's channel count comes from shape inference (concat.py)",
     "trap-concat-branch-shared": "Concat: its rank and the branches' channel counts from shape inference (concat.py)",
     "arcface-head": "forward fold through Flatten: its input/output shapes from shape inference (forward.py)",
-    "tf2onnx-raw-nhwc": "weights are Transpose nodes: evaluated with onnx's reference evaluator, "
-    "sized first by shape inference on the node (constants.py output_size/evaluate)",
-    "tf2onnx-raw-conv3d": "weights are Transpose nodes, as tf2onnx-raw-nhwc",
+    "tf2onnx-raw-nhwc": "weights are Transpose nodes of initializers, " + _EVALUATED,
+    "tf2onnx-raw-conv3d": "weights are Transpose nodes of initializers, " + _EVALUATED,
+    "keras3-tf2onnx-raw": "weights are Transpose nodes of initializers, " + _EVALUATED,
+    "torch-dynamo-resnet": "the bias-less Conv's zero bias is Expand(CastLike(0, x), Shape(W)[0:1]), "
+    + _EVALUATED
+    + "; before that, CastLike's element type of the declared input 'x' runs shape inference on the model",
 }
 
-_RANK = "sources.py:196 chain_source asks Scope.rank -> graph.infer_types -> onnx.shape_inference"
-# Common-path folds that import onnx today only for a rank or an element type.
+# Common-path folds that import onnx today, for a rank the model declares or that follows from a
+# producer, or for nothing: each was folded here with graph.infer_types replaced (declared
+# inputs/outputs/value_info/initializers only, or nothing) and wrote the same bytes.
+_CHAIN = "sources.py:196 chain_source asks Scope.rank -> graph.infer_types -> onnx.shape_inference"
+_DECLARED = "; declared types alone give the same output"
+_NOTHING = "; no shape inference at all gives the same output (the trap is refused anyway)"
 IMPORTS_TODAY = {
-    "keras3-mobilenet": _RANK + " (Conv/MatMul output rank for a Mul/Add chain)",
-    "keras3-tf2onnx-raw": _RANK + " (bias Add / Mul-Add chains)",
-    "paddle2onnx-identity-bn": _RANK + " (the Linear's bias Add)",
-    "conv-bias-add": _RANK + " (a Conv's bias Add)",
-    "trap-mul-last-axis": _RANK + " (Mul after a Conv)",
-    "trap-grouped-add-chw": _RANK + " (Add after a Conv)",
-    "trap-div-by-zero": _RANK + " (Div/Mul chain after a Conv)",
-    "mul_add_chain": _RANK + " (Conv -> Mul -> Add)",
-    "matmul_add_bn": "absorb.py:235 _matmul_weight asks Scope.rank of the MatMul's input (declared graph "
-    "input 'x') -> onnx.shape_inference",
-    "torch-dynamo-resnet": "constants.py:162 CastLike(0, x) asks Scope.elem_type of the declared graph input "
-    "'x' -> onnx.shape_inference",
-    "demo": "concat.py:35 plan_concat asks Scope.rank of the Concat output (only needed for a negative "
-    "axis) -> onnx.shape_inference; the BN after it is left anyway",
+    "keras3-mobilenet": _CHAIN + " (Mul/Add after depthwise Conv and MatMul)" + _DECLARED,
+    "paddle2onnx-identity-bn": _CHAIN + " (the Linear's bias Add)" + _DECLARED,
+    "conv-bias-add": _CHAIN + " (a Conv's bias Add)" + _DECLARED,
+    "trap-mul-last-axis": _CHAIN + " (Mul after a Conv)" + _NOTHING,
+    "trap-grouped-add-chw": _CHAIN + " (Add after a Conv)" + _NOTHING,
+    "trap-div-by-zero": _CHAIN + " (Div/Mul chain after a Conv)" + _NOTHING,
+    "mul_add_chain": _CHAIN + " for the Conv output 'y' (undeclared: the rank of the Conv's weight gives it)",
+    "matmul_add_bn": "absorb.py:235 _matmul_weight asks Scope.rank of the MatMul's input 'x', a declared graph "
+    "input -> onnx.shape_inference" + _DECLARED,
+    "demo": "concat.py:35/52 plan_concat asks the rank and channel counts of the Concat (shape inference) for "
+    "a BN that is left anyway (a branch comes from Clip); no shape inference at all gives the same output",
 }
 
 
