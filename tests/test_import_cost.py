@@ -79,19 +79,9 @@ NEEDS_ONNX = {
 # inputs/outputs/value_info/initializers only, or nothing) and wrote the same bytes.
 _CHAIN = "sources.py:196 chain_source asks Scope.rank -> graph.infer_types -> onnx.shape_inference"
 _DECLARED = "; declared types alone give the same output"
-_NOTHING = "; no shape inference at all gives the same output (the trap is refused anyway)"
 IMPORTS_TODAY = {
     "keras3-mobilenet": _CHAIN + " (Mul/Add after depthwise Conv and MatMul)" + _DECLARED,
     "paddle2onnx-identity-bn": _CHAIN + " (the Linear's bias Add)" + _DECLARED,
-    "conv-bias-add": _CHAIN + " (a Conv's bias Add)" + _DECLARED,
-    "trap-mul-last-axis": _CHAIN + " (Mul after a Conv)" + _NOTHING,
-    "trap-grouped-add-chw": _CHAIN + " (Add after a Conv)" + _NOTHING,
-    "trap-div-by-zero": _CHAIN + " (Div/Mul chain after a Conv)" + _NOTHING,
-    "mul_add_chain": _CHAIN + " for the Conv output 'y' (undeclared: the rank of the Conv's weight gives it)",
-    "matmul_add_bn": "absorb.py:235 _matmul_weight asks Scope.rank of the MatMul's input 'x', a declared graph "
-    "input -> onnx.shape_inference" + _DECLARED,
-    "demo": "concat.py:35/52 plan_concat asks the rank and channel counts of the Concat (shape inference) for "
-    "a BN that is left anyway (a branch comes from Clip); no shape inference at all gives the same output",
 }
 
 

@@ -32,9 +32,9 @@ def plan_concat(scope: Scope, source: Source) -> Plan | Reject | None:
     concat = scope.producer.get(route.top)
     if concat is None or concat.op_type != "Concat" or concat.domain not in ("", "ai.onnx"):
         return None
-    rank = scope.rank(route.top)
     axis = attr(concat, "axis", 1, "INT")
-    if rank is not None and axis < 0:
+    rank = scope.rank(route.top) if axis < 0 else None  # shapes only when needed: they cost an import
+    if rank is not None:
         axis += rank
     if route.axis != 1 or axis != 1:
         return Reject(
@@ -47,6 +47,10 @@ def plan_concat(scope: Scope, source: Source) -> Plan | Reject | None:
             f"Concat output {route.top!r} also feeds other nodes or is a graph output",
             concat,
         )
+    for x in concat.input:  # a branch no layer can take refuses the split before any shape is asked
+        found = find_layer(scope, replace(source, input=x, output=x, nodes=(), axis=1))
+        if isinstance(found, Reject):
+            return Reject(found.reason, f"branch {x!r} of Concat {concat.name!r}: {found.detail}", found.node)
     widths = []
     for x in concat.input:
         shape = scope.shape(x)

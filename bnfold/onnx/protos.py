@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numbers
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -132,8 +132,8 @@ def make_attribute(name: str, value: Any) -> onnx.AttributeProto:
     elif isinstance(value, Iterable) and items and _all(items, numbers.Real):
         attr.floats.extend(float(v) for v in items)
         attr.type = A.FLOATS
-    else:
-        return onnx.helper.make_attribute(name, value)
+    else:  # a one-shot iterable was consumed above: hand onnx the items
+        return onnx.helper.make_attribute(name, items if isinstance(value, Iterator) else value)
     return attr
 
 
@@ -175,8 +175,8 @@ def make_tensor_value_info(
     tensor_type.shape.SetInParent()
     for d in shape:
         dim = dims.add()
-        if isinstance(d, int):
-            dim.dim_value = d
+        if isinstance(d, numbers.Integral):
+            dim.dim_value = int(d)
         elif isinstance(d, str):
             dim.dim_param = d
     return info

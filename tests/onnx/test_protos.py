@@ -336,12 +336,6 @@ ONE_SHOT = {
 
 
 @pytest.mark.parametrize("make", ONE_SHOT.values(), ids=ONE_SHOT.keys())
-@pytest.mark.xfail(
-    strict=True,
-    reason="protos.make_attribute consumes a one-shot iterable with list(value) in its INTS test, then "
-    "falls through to onnx.helper.make_attribute(name, value) with the exhausted iterator: ValueError "
-    "'from empty iterator' (fix: pass the materialized items to the fallback)",
-)
 def test_make_attribute_one_shot_iterable_of_other_types(make: Any) -> None:
     same_bytes(protos.make_attribute("k", make()), helper.make_attribute("k", make()))
 
@@ -396,11 +390,6 @@ def test_make_tensor_value_info_bytes_equal_helper(case: tuple) -> None:
     assert ours.type.tensor_type.HasField("shape")  # a scalar's empty shape is still a shape
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="protos.make_tensor_value_info tests isinstance(d, int): a numpy integer dim becomes an "
-    "unknown dim without a word (onnx.helper raises ValueError); fix: numbers.Integral -> dim_value, or raise",
-)
 def test_make_tensor_value_info_never_drops_a_numpy_dim() -> None:
     try:
         info = protos.make_tensor_value_info("v", TensorProto.FLOAT, [np.int64(3), 4])
