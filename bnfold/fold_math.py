@@ -227,9 +227,12 @@ def scale_weight_planned(
             raise ValueError(f"weight axis {axis} has {w.shape[axis]} channels, scale has {s.shape[0]}")
         view = w
         ch_axes = tuple(a for a in range(w.ndim) if a != axis)
-    hi = view.max(axis=ch_axes) if ch_axes else view
-    lo = view.min(axis=ch_axes) if ch_axes else view
-    amax = np.maximum(hi.astype(np.float64), -lo.astype(np.float64)).reshape(-1)
+    if groups == 1 and axis == 0 and w.ndim >= 2:
+        amax = _row_abs_max(w.reshape(w.shape[0], -1))
+    else:
+        hi = view.max(axis=ch_axes) if ch_axes else view
+        lo = view.min(axis=ch_axes) if ch_axes else view
+        amax = np.maximum(hi.astype(np.float64), -lo.astype(np.float64)).reshape(-1)
     if not np.isfinite(amax).all():  # NaN or inf in the weight: the full check
         return scale_weight_exact(w, s, axis=axis, groups=groups)
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
@@ -240,6 +243,22 @@ def scale_weight_planned(
     if flushed.size:
         return None, f"channel {int(flushed[0])} underflows to zero in {w.dtype.name}"
     return ScaledWeight(s, axis, groups, w.dtype, tuple(w.shape), w), ""
+
+
+_REDUCE_BLOCK = 256 << 10
+"""Bytes of rows reduced at a time: the min pass then reads what the max pass left in cache."""
+
+
+def _row_abs_max(rows: np.ndarray) -> np.ndarray:
+    """``max |rows[i]|`` per row in float64 (NaN when a row holds one), from the largest and the
+    smallest value, a block of rows at a time."""
+    out = np.empty(rows.shape[0], dtype=np.float64)
+    step = max(1, _REDUCE_BLOCK // max(1, rows.shape[1] * rows.itemsize))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step]
+        hi = block.max(axis=1).astype(np.float64)
+        np.maximum(hi, -block.min(axis=1).astype(np.float64), out=out[start : start + step])
+    return out
 
 
 def fold_bias(bias: np.ndarray | None, affine: Affine) -> np.ndarray:

@@ -212,7 +212,19 @@ def _mapped(path: str, dtype: np.dtype, count: int, offset: int, short: str) -> 
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size < offset + nbytes:
                 raise InputError(short)
-            mm = mmap.mmap(f.fileno(), offset + nbytes - start, access=mmap.ACCESS_READ, offset=start)
+            mm = mmap.mmap(
+                f.fileno(), offset + nbytes - start, prot=mmap.PROT_READ, offset=start, flags=_flags(nbytes)
+            )
     except (OSError, ValueError) as err:
         raise InputError(f"{short} ({err})") from None
     return np.frombuffer(mm, dtype=dtype, count=count, offset=offset - start)
+
+
+POPULATE_MAX = 64 << 20
+"""Mappings up to this size are populated in one call (``MAP_POPULATE``): the values are read
+whole right away, and one call maps the pages for much less than a page fault per 64 kB."""
+
+
+def _flags(nbytes: int) -> int:
+    populate = getattr(mmap, "MAP_POPULATE", 0) if nbytes <= POPULATE_MAX else 0
+    return mmap.MAP_SHARED | populate
