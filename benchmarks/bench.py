@@ -457,6 +457,9 @@ def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONWARNINGS", "ignore")
+    # Bytecode is cached as in any installed package (pip compiles site-packages, onnx's included):
+    # with PYTHONDONTWRITEBYTECODE a source checkout recompiles bnfold's ~80 modules on every run.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
 

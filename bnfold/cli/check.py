@@ -30,7 +30,6 @@ from typing import Annotated
 
 import typer
 
-from bnfold.cli import junit
 from bnfold.cli.console import Ui, one_line, print_error, stdout_to_stderr
 from bnfold.cli.names import check_shape_names
 from bnfold.cli.npz_casts import npz_casts
@@ -169,6 +168,8 @@ def check_command(
     if json_stdout or json_file:
         emit_json(result.document(), to_stdout=json_stdout, path=json_file)
     if junit_xml:
+        from bnfold.cli import junit  # xml.etree: only for --junit-xml
+
         write_text_atomic(junit_xml, junit.junit_xml(result))
     raise typer.Exit(result.exit_code)
 

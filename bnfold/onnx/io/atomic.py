@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import threading
 from collections.abc import Iterator, Sequence
@@ -53,6 +52,8 @@ def kill_point(point: str) -> None:
 def _machine() -> str:
     """Which pid namespace a pid belongs to: host name, boot and pid namespace, hashed. Another
     container or host writing to the same shared folder has other pids: never judged by ours."""
+    import socket  # only staging names need it
+
     parts = [socket.gethostname()]
     with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
         parts.append(f.read().strip())
