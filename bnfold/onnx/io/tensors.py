@@ -212,9 +212,7 @@ def _mapped(path: str, dtype: np.dtype, count: int, offset: int, short: str) -> 
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size < offset + nbytes:
                 raise InputError(short)
-            mm = mmap.mmap(
-                f.fileno(), offset + nbytes - start, prot=mmap.PROT_READ, offset=start, flags=_flags(nbytes)
-            )
+            mm = _map(f.fileno(), offset + nbytes - start, start, nbytes)
     except (OSError, ValueError) as err:
         raise InputError(f"{short} ({err})") from None
     return np.frombuffer(mm, dtype=dtype, count=count, offset=offset - start)
@@ -225,6 +223,9 @@ POPULATE_MAX = 64 << 20
 whole right away, and one call maps the pages for much less than a page fault per 64 kB."""
 
 
-def _flags(nbytes: int) -> int:
-    populate = getattr(mmap, "MAP_POPULATE", 0) if nbytes <= POPULATE_MAX else 0
-    return mmap.MAP_SHARED | populate
+def _map(fd: int, length: int, offset: int, nbytes: int) -> mmap.mmap:
+    """A read-only mapping; populated at once where the platform can (Linux) and it is small."""
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if populate and nbytes <= POPULATE_MAX:
+        return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ, offset=offset)
+    return mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=offset)
