@@ -74,15 +74,9 @@ NEEDS_ONNX = {
     + "; before that, CastLike's element type of the declared input 'x' runs shape inference on the model",
 }
 
-# Common-path folds that import onnx today, for a rank the model declares or that follows from a
-# producer, or for nothing: each was folded here with graph.infer_types replaced (declared
-# inputs/outputs/value_info/initializers only, or nothing) and wrote the same bytes.
-_CHAIN = "sources.py:196 chain_source asks Scope.rank -> graph.infer_types -> onnx.shape_inference"
-_DECLARED = "; declared types alone give the same output"
-IMPORTS_TODAY = {
-    "keras3-mobilenet": _CHAIN + " (Mul/Add after depthwise Conv and MatMul)" + _DECLARED,
-    "paddle2onnx-identity-bn": _CHAIN + " (the Linear's bias Add)" + _DECLARED,
-}
+# Common-path folds that import onnx today although their fold needs no more than a rank the
+# model declares or its producers imply (each a strict xfail with the reason): none left.
+IMPORTS_TODAY: dict[str, str] = {}
 
 
 def _conv_bn_stack(rng: np.random.Generator, layers: int = 3, c: int = 48) -> G:

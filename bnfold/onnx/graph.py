@@ -22,11 +22,11 @@ import numpy as np
 
 from bnfold.onnxlib import onnx
 
-from . import constants, protos
+from . import constants, protos, ranks
+from .protos import DEFAULT_DOMAINS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DOMAINS = ("", "ai.onnx")
 
 Shape = tuple[int | str | None, ...]
 """A static shape: an int per known dimension, the ``dim_param`` name of a symbolic one, or None."""
@@ -325,44 +325,9 @@ class Scope:
         s = self.shape(name)
         return None if s is None else len(s)
 
-    def stated_rank(self, name: str, depth: int = 0) -> int | None:
-        """A rank the graph states without shape inference (which imports onnx and costs a pass):
-        an initializer's dims, the main graph's declared input, or an operator whose output rank
-        its inputs fix (Conv and ConvTranspose: the weight's; Gemm: 2; BatchNormalization and
-        elementwise unary ops: the input's; Add/Sub/Mul/Div: the larger input's). None otherwise."""
-        if depth > _STATED_DEPTH or not name:
-            return None
-        scope: Scope | None = self
-        while scope is not None:  # initializers of this graph and the enclosing ones
-            tensor = scope.initializers.get(name)
-            if tensor is not None:
-                return len(tensor.dims)
-            if name in scope.producer or name in scope.formal_inputs:
-                break
-            scope = scope.parent
-        if self.parent is None and name in self.formal_inputs and self.graph is not None:
-            for v in self.graph.input:
-                if v.name == name and v.type.tensor_type.HasField("shape"):
-                    return len(v.type.tensor_type.shape.dim)
-        node = self.producer.get(name)
-        if node is None or node.domain not in DEFAULT_DOMAINS or node.output[0] != name:
-            return None
-        op = node.op_type
-        if op in ("Conv", "ConvTranspose") and len(node.input) > 1:
-            return self.stated_rank(node.input[1], depth + 1)
-        if op in ("Gemm", "Flatten"):
-            return 2
-        if op in _RANK_OF_FIRST_INPUT:
-            return self.stated_rank(node.input[0], depth + 1)
-        if op == "MatMul" and len(node.input) == 2:  # numpy matmul: 1-D operands lose their axis
-            a, b = (self.stated_rank(i, depth + 1) for i in node.input)
-            if a is None or b is None or min(a, b) < 1:
-                return None
-            return max(a, b) if min(a, b) >= 2 else max(a, b) - 1
-        if op in ("Add", "Sub", "Mul", "Div") and len(node.input) == 2:
-            a, b = (self.stated_rank(i, depth + 1) for i in node.input)
-            return None if a is None or b is None else max(a, b)
-        return None
+    def stated_rank(self, name: str) -> int | None:
+        """A rank the graph states without shape inference (see :mod:`.ranks`), or None."""
+        return ranks.stated_rank(self, name)
 
     def elem_type(self, name: str) -> int | None:
         """The ONNX element type of a tensor when declared or inferred."""
@@ -371,16 +336,6 @@ class Scope:
         self.index.ensure_types()
         found = self.ns.types.get(name)
         return None if found is None else found[0]
-
-
-_STATED_DEPTH = 32
-_RANK_OF_FIRST_INPUT = frozenset(
-    ("BatchNormalization", "Identity", "Dropout", "Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh")
-    + ("HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus", "Softsign", "Gelu", "Mish", "Neg", "Abs")
-    + ("Exp", "Sqrt", "Erf", "Cast", "Transpose", "GlobalAveragePool", "GlobalMaxPool", "MaxPool")
-    + ("AveragePool", "LpPool")
-)
-"""Operators whose first output has the rank of their first input."""
 
 
 def main_scope(model: onnx.ModelProto, base_dir: str | None) -> Scope:

@@ -29,6 +29,9 @@ __all__ = [
     "to_array",
 ]
 
+DEFAULT_DOMAINS = ("", "ai.onnx")
+"""The domains of ONNX's own operators."""
+
 _PLAIN_NAMES = (
     ("FLOAT", np.float32, "float_data"),
     ("DOUBLE", np.float64, "double_data"),

@@ -91,3 +91,57 @@ def test_matmul_rank_rule_follows_numpy_matmul() -> None:
         scope = _scopes(model)[0]
         expected = np.matmul(np.zeros(a_shape), np.zeros(b_shape)).ndim
         assert scope.stated_rank("y") == expected, (a_shape, b_shape)
+
+
+def _single_op_model(node: onnx.NodeProto, opset: int, *inits: onnx.TensorProto) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 1, 3, 1])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    g = helper.make_graph([node], "g", [x], [y], list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _axes(values: list[int]) -> onnx.TensorProto:
+    return onnx.numpy_helper.from_array(np.array(values, dtype=np.int64), "axes")
+
+
+AXES_CASES = {
+    "squeeze-attr-11": (helper.make_node("Squeeze", ["x"], ["y"], axes=[1, -1]), 11, ()),
+    "squeeze-input-13": (helper.make_node("Squeeze", ["x", "axes"], ["y"]), 13, (_axes([1, 3]),)),
+    "squeeze-all-13": (helper.make_node("Squeeze", ["x"], ["y"]), 13, ()),
+    "unsqueeze-attr-11": (helper.make_node("Unsqueeze", ["x"], ["y"], axes=[0, -1]), 11, ()),
+    "unsqueeze-input-13": (helper.make_node("Unsqueeze", ["x", "axes"], ["y"]), 13, (_axes([0, 5]),)),
+    "reducemean-keep-13": (helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3]), 13, ()),
+    "reducemean-drop-13": (helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=0), 13, ()),
+    "reducemean-all-13": (helper.make_node("ReduceMean", ["x"], ["y"], keepdims=0), 13, ()),
+    "reducemean-input-18": (
+        helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=0),
+        18,
+        (_axes([-1]),),
+    ),
+    "reducesum-noop-13": (
+        helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0, noop_with_empty_axes=1),
+        13,
+        (),
+    ),
+    "reducemax-empty-axes-18": (
+        helper.make_node("ReduceMax", ["x", "axes"], ["y"], keepdims=0),
+        18,
+        (_axes([]),),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", AXES_CASES)
+def test_axes_rank_rules_agree_with_shape_inference(case: str) -> None:
+    """Squeeze, Unsqueeze and the Reduce ops in their attribute and input forms: the stated
+    rank is None (unknown) or exactly what onnx's shape inference says."""
+    node, opset, inits = AXES_CASES[case]
+    model = _single_op_model(node, opset, *inits)
+    scope = _scopes(model)[0]
+    stated = scope.stated_rank("y")
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph.output[0]
+    rank = len(inferred.type.tensor_type.shape.dim)
+    if case == "squeeze-all-13":
+        assert stated is None  # which axes are 1 is a shape question, not a rank one
+    else:
+        assert stated == rank, (stated, rank)
