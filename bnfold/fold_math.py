@@ -149,6 +149,10 @@ class ScaledWeight:
     time), with the same float64 multiply and rounding as :func:`scale_weight_exact`, so they
     are bit-identical to it. ``source`` is the weight the decision was made on (None once the
     recipe is stored apart from it: the values are then computed from the stored weight).
+
+    ``ticket`` is set on a recipe made without the decision (:mod:`bnfold.fold_optimistic`):
+    whoever computes its values checks them (:meth:`apply`; ``rows_accepted`` where they are
+    written) and raises :class:`Undecided` where the decision might have refused them.
     """
 
     scale: np.ndarray  # float64 (C,)
@@ -157,6 +161,11 @@ class ScaledWeight:
     dtype: np.dtype
     shape: tuple[int, ...]
     source: np.ndarray | None = None
+    ticket: Ticket | None = None
+
+    @property
+    def decided(self) -> bool:
+        return self.ticket is None
 
     def rows(self, w: np.ndarray, start: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``start : start + n`` (along axis 0) of the result, from the same rows of W.
@@ -183,11 +192,19 @@ class ScaledWeight:
         return result
 
     def apply(self, weight: np.ndarray | None = None) -> np.ndarray:
-        """The whole result, from ``weight`` (default: ``source``)."""
+        """The whole result, from ``weight`` (default: ``source``). An undecided recipe is
+        decided here, as :func:`scale_weight_exact` decides: :class:`Undecided` if it refuses."""
         w = self.source if weight is None else weight
         if w is None:
             raise ValueError("ScaledWeight.apply: no weight to scale")
-        return self.rows(w, 0).reshape(self.shape)
+        if self.ticket is None:
+            return self.rows(w, 0).reshape(self.shape)
+        w = np.asarray(w).reshape(self.shape)
+        out, why = scale_weight_exact(w, self.scale, axis=self.axis, groups=self.groups)
+        if out is None:
+            raise Undecided(f"a fold computed before it was decided is refused: {why}")
+        self.ticket.checked()
+        return out
 
     def detached(self) -> ScaledWeight:
         """The recipe without its source weight (what a deferred tensor keeps)."""
@@ -259,6 +276,31 @@ def _row_abs_max(rows: np.ndarray) -> np.ndarray:
         hi = block.max(axis=1).astype(np.float64)
         np.maximum(hi, -block.min(axis=1).astype(np.float64), out=out[start : start + step])
     return out
+
+
+class Undecided(Exception):
+    """A fold computed before it was decided (:mod:`bnfold.fold_optimistic`) may be one the
+    decision refuses. Internal: ``bnfold.api.fold_path`` redoes the fold deciding first."""
+
+
+class Ticket:
+    """The standing of a recipe made without the decision: the weight and scale to decide on,
+    until its values are checked (:meth:`checked`) or handed to a tensor that is checked where
+    it is written (:meth:`deferred`)."""
+
+    __slots__ = ("is_checked", "is_deferred", "scale", "weight")
+
+    def __init__(self, weight: np.ndarray, scale: np.ndarray) -> None:
+        self.weight: np.ndarray | None = weight
+        self.scale = scale
+        self.is_checked = False
+        self.is_deferred = False
+
+    def checked(self) -> None:
+        self.is_checked, self.weight = True, None
+
+    def deferred(self) -> None:
+        self.is_deferred, self.weight = True, None
 
 
 def fold_bias(bias: np.ndarray | None, affine: Affine) -> np.ndarray:

@@ -19,6 +19,7 @@ scalars fits any layer. Ops between the layer and the source are looked through
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -27,6 +28,7 @@ import numpy as np
 from bnfold.onnxlib import onnx
 
 from .. import fold_math
+from ..fold_optimistic import scale_weight_undecided
 from ..report import SkipReason
 from . import protos
 from .attrs import attr
@@ -117,13 +119,27 @@ def _scaled(
     w: np.ndarray, aff: fold_math.Affine, what: str, *, axis: int, groups: int = 1
 ) -> np.ndarray | fold_math.ScaledWeight | Reject | None:
     """``w`` scaled along ``axis`` (decided now, computed where it is written when that is
-    exact: :class:`~bnfold.fold_math.ScaledWeight`); None when the scale is exactly 1."""
+    exact: :class:`~bnfold.fold_math.ScaledWeight`); None when the scale is exactly 1. A large
+    weight mapped from a file may be left undecided (:mod:`bnfold.fold_optimistic`)."""
     if aff.channels and aff.scale[0] == 1.0 and np.all(aff.scale == 1.0):
         return None
+    if _mapped(w):
+        undecided = scale_weight_undecided(w, aff.scale, axis=axis, groups=groups)
+        if undecided is not None:
+            return undecided
     out, why = fold_math.scale_weight_planned(w, aff.scale, axis=axis, groups=groups)
     if out is None:
         return Reject(SkipReason.NOT_REPRESENTABLE, f"folding into {what}: {why}")
     return out
+
+
+def _mapped(w: np.ndarray) -> bool:
+    """Whether ``w`` views a file mapping: a stub's or an external tensor's bytes, which a fold
+    into it computes where it is written (``bnfold.onnx.io.read_array`` maps them)."""
+    base: object = w
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
 
 
 def _channels_problem(aff: fold_math.Affine, op: str, c_out: int) -> Reject | None:

@@ -27,6 +27,7 @@ import numpy as np
 from bnfold.onnxlib import onnx
 
 from ..fold_math import Affine
+from ..fold_optimistic import undecided_folds
 from ..report import Folded, FoldReport, Skipped, SkipReason
 from .absorb import find_layer, plan_into
 from .concat import is_concat, plan_concat
@@ -51,24 +52,53 @@ log = logging.getLogger(__name__)
 
 
 def fold_model(
-    model: onnx.ModelProto, *, base_dir: str | None = None, exclude: frozenset[str] = frozenset()
+    model: onnx.ModelProto,
+    *,
+    base_dir: str | None = None,
+    exclude: frozenset[str] = frozenset(),
+    optimistic: bool = False,
 ) -> FoldReport:
     """Fold every foldable BN of ``model`` in place; ``exclude`` lists BN output names to leave.
 
     ``base_dir`` is where external data (or lazy stubs) are read from. A node without the
     inputs or outputs its operator requires raises InputError (:func:`check_arity`).
+
+    ``optimistic``: large folds into weights in files are left undecided and checked where they
+    are computed (:mod:`bnfold.fold_optimistic`); the model must then be saved, and a
+    :class:`~bnfold.fold_math.Undecided` from the pass or the save means: fold a fresh copy
+    again without it. Only a caller that does so (``bnfold.api.fold_path``) may pass True.
     """
     check_arity(model)
     index = ModelIndex(model, base_dir, frozenset(exclude))
     folded: list[Folded] = []
     skipped: list[Skipped] = []
     scopes = collect_scopes(index)
-    for scope in scopes:
-        f_list, s_list = fold_scope(scope)
-        folded.extend(f_list)
-        skipped.extend(s_list)
-    remove_dead(scopes)
+    with undecided_folds(optimistic) as tickets:
+        for scope in scopes:
+            f_list, s_list = fold_scope(scope)
+            folded.extend(f_list)
+            skipped.extend(s_list)
+        remove_dead(scopes)
+        if tickets is not None and tickets.items:
+            tickets.settle(_written_tickets(scopes))
     return FoldReport(folded=tuple(folded), skipped=tuple(skipped))
+
+
+def _written_tickets(scopes: list[Scope]) -> set[int]:
+    """The ids of the undecided recipes' tickets held by initializers still in the model (a
+    save computes and checks them)."""
+    from .io import scaled_of  # lazy: only a fold into weights in files has tickets
+
+    out: set[int] = set()
+    for scope in scopes:
+        if scope.graph is None:
+            continue
+        for t in scope.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                recipe = scaled_of(t)
+                if recipe is not None and recipe.ticket is not None:
+                    out.add(id(recipe.ticket))
+    return out
 
 
 def count_bn(model: onnx.ModelProto) -> int:

@@ -26,7 +26,8 @@ written or read: :func:`defer_scaled` renames the tensor, keeps its reference to
 bytes and adds one entry, :data:`SCALED_KEY`, whose token names the recipe (a
 :class:`bnfold.fold_math.ScaledWeight`) in a second side table. ``save_model`` computes the
 values in blocks, ``read_array`` and ``materialize`` whole; a file that carries the key is
-refused on load like a stub's token.
+refused on load like a stub's token. A recipe left undecided (:mod:`bnfold.fold_optimistic`) is
+checked by whichever of them computes it.
 """
 
 from __future__ import annotations
@@ -244,6 +245,8 @@ def defer_scaled(tensor: onnx.TensorProto, recipe: ScaledWeight, name: str) -> o
     token = f"{TOKEN_PREFIX}{os.urandom(8).hex()}"
     _SCALED[token] = recipe
     add_entry(out, SCALED_KEY, token)
+    if recipe.ticket is not None:  # undecided: checked where it is written (or read)
+        recipe.ticket.deferred()
     return out
 
 

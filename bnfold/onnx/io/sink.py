@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from bnfold.errors import InputError
-from bnfold.fold_math import ScaledWeight
+from bnfold.fold_math import ScaledWeight, Undecided
+from bnfold.fold_optimistic import rows_accepted
 from bnfold.onnxlib import onnx
 
 from .external import read_bytes, scaled_of
@@ -177,6 +178,9 @@ def write_scaled(recipe: ScaledWeight, src_fd: int, offset: int, length: int, si
 
     The source is mapped, not read: the multiply reads the page cache directly, and the pages
     of each finished block are unmapped again, so memory stays one block whatever the tensor.
+    An undecided recipe's blocks are checked as they are made
+    (:func:`bnfold.fold_optimistic.rows_accepted`): :class:`~bnfold.fold_math.Undecided` when
+    one fails, and the save is abandoned like on any other error.
     """
     rows = recipe.shape[0]
     row_bytes = length // rows if rows else 0
@@ -197,8 +201,10 @@ def write_scaled(recipe: ScaledWeight, src_fd: int, offset: int, length: int, si
             n = min(step, rows - start)
             at = offset - start_map + start * row_bytes
             block = np.frombuffer(mm, dtype=stored, count=n * row_bytes // stored.itemsize, offset=at)
-            out = recipe.rows(block, start, out=buffers[k % 2])
-            del block  # no view may outlive the mapping
+            out, accepted = _computed(recipe, block, start, n, buffers[k % 2])
+            del block  # no view may outlive the mapping (a traceback keeps this frame's locals)
+            if not accepted:
+                raise Undecided(f"rows {start}..{start + n} of a fold computed before it was decided")
             yield memoryview(out).cast("B")
             released = release_pages(mm, released, at + n * row_bytes)
 
@@ -206,6 +212,27 @@ def write_scaled(recipe: ScaledWeight, src_fd: int, offset: int, length: int, si
         sink.write_overlapped(blocks())
     finally:
         mm.close()
+
+
+CHECK_BLOCK = 256 << 10
+"""Bytes of an undecided fold's block computed and checked at a time: the check reads what the
+multiply left in cache."""
+
+
+def _computed(
+    recipe: ScaledWeight, block: np.ndarray, start: int, n: int, buffer: np.ndarray
+) -> tuple[np.ndarray, bool]:
+    """Rows ``start : start + n`` of the result from their source ``block``, in ``buffer``, and
+    whether they pass the check of an undecided recipe (True for a decided one)."""
+    if recipe.decided:
+        return recipe.rows(block, start, out=buffer), True
+    per = block.size // n
+    step = max(1, CHECK_BLOCK // max(1, per * block.itemsize))
+    for at in range(0, n, step):
+        part = block[at * per : (at + step) * per]
+        if not rows_accepted(part, recipe.rows(part, start + at, out=buffer[at * per :])):
+            return buffer, False
+    return buffer[: block.size].reshape((n,) + recipe.shape[1:]), True
 
 
 def scaled_bytes(tensor: onnx.TensorProto, path: str, offset: int, length: int) -> bytes:
