@@ -21,6 +21,7 @@ Every public function takes the six verification options as keywords (``inputs``
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -28,10 +29,13 @@ from collections.abc import Callable, Collection, Sequence
 from bnfold.onnxlib import onnx
 
 from .errors import InputError
+from .fold_math import Undecided
 from .onnx.fold import count_bn, fold_model
 from .onnx.io import Staging, is_lazy, load_model, save_model
-from .report import FoldReport, FoldResult
+from .report import FoldReport, FoldResult, VerifyReport
 from .verify.options import DEFAULT, InputsLike, Shapes, VerifyOptions, verify_options
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Progress", "analyze_onnx", "count_bn", "fold_loaded", "fold_onnx", "fold_path"]
 
@@ -187,10 +191,51 @@ def fold_path(
         raise InputError(f"{dst}: refusing to overwrite the input (write elsewhere, or pass in_place=True)")
     if in_place and dst != src:
         raise InputError(f"fold_path: in_place=True writes over {src}; dst names another file ({dst})")
-    src_dir, dst_dir = os.path.dirname(src), os.path.dirname(dst) or "."
+    dst_dir = os.path.dirname(dst) or "."
     if not os.path.isdir(dst_dir):
         raise InputError(f"{dst}: cannot write: directory {dst_dir} does not exist")
-    note = progress or (lambda _msg: None)
+    for optimistic in (True, False):
+        # large folds are first checked where they are written (bnfold.fold_optimistic); when
+        # one might not be exact, the whole fold runs again with every decision made first
+        try:
+            model, report, verification = _fold_file(
+                src,
+                dst,
+                in_place=in_place,
+                verify=verify,
+                force=force,
+                options=opts,
+                external_data=external_data,
+                exclude=exclude,
+                note=progress or (lambda _msg: None),
+                optimistic=optimistic,
+            )
+            break
+        except Undecided as why:
+            if not optimistic:  # pragma: no cover - a decided fold is never undecided
+                raise
+            log.debug("%s: folding again, deciding every fold first (%s)", src, why)
+    return FoldResult(
+        model=model, report=report, verification=verification, seconds=time.perf_counter() - start
+    )
+
+
+def _fold_file(
+    src: str,
+    dst: str,
+    *,
+    in_place: bool,
+    verify: bool,
+    force: bool,
+    options: VerifyOptions,
+    external_data: bool | None,
+    exclude: Sequence[str],
+    note: Progress,
+    optimistic: bool,
+) -> tuple[onnx.ModelProto, FoldReport, VerifyReport | None]:
+    """:func:`fold_path` once: ``(model, report, verification)``; ``optimistic`` is passed to
+    ``fold_model`` (:class:`~bnfold.fold_math.Undecided` leaves nothing written)."""
+    src_dir = os.path.dirname(src)
     # whether the last make() left the graph as loaded: compared within one load, since a second
     # lazy load of the same file names its weight stubs differently
     graph_unchanged = [False]
@@ -207,7 +252,7 @@ def fold_path(
             layout = True
         note("folding")
         before = model.graph.SerializeToString()  # weightless: lazy stubs, not the weights
-        report = fold_model(model, base_dir=src_dir, exclude=excl)
+        report = fold_model(model, base_dir=src_dir, exclude=excl, optimistic=optimistic)
         graph_unchanged[0] = model.graph.SerializeToString() == before
         note("saving")
         save_model(model, out_path, source_dir=src_dir, external_data=layout, location=location)
@@ -215,7 +260,7 @@ def fold_path(
 
     if not verify and not in_place:  # save_model writes atomically by itself
         _, report, model = make(frozenset(exclude), dst, None)
-        return FoldResult(model=model, report=report, seconds=time.perf_counter() - start)
+        return model, report, None
 
     with Staging(dst, reads=[src]) as stage:
 
@@ -238,7 +283,7 @@ def fold_path(
             done = fold_verified(
                 make_staged,
                 src,
-                options=opts,
+                options=options,
                 exclude=frozenset(exclude),
                 force=force,
                 unchanged=unchanged,
@@ -251,9 +296,7 @@ def fold_path(
         stage.publish()
     if verify and report.folded:  # it pointed into the staged file
         model = load_model(dst, lazy=True)
-    return FoldResult(
-        model=model, report=report, verification=verification, seconds=time.perf_counter() - start
-    )
+    return model, report, verification
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
