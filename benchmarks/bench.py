@@ -164,7 +164,8 @@ def child_bnfold_phases(src: str, dst: str) -> dict[str, float]:
     """bnfold's steps timed from inside: lazy load, fold, save (and the fsync within it)."""
     t0 = time.perf_counter()
     import bnfold.onnx.io as bio
-    from bnfold.api import fold_onnx
+    from bnfold.fold_math import Undecided
+    from bnfold.onnx.fold import fold_model
 
     t_import = time.perf_counter() - t0
     fsync_seconds = 0.0
@@ -177,19 +178,26 @@ def child_bnfold_phases(src: str, dst: str) -> dict[str, float]:
         fsync_seconds += time.perf_counter() - start
 
     os.fsync = timed_fsync  # type: ignore[assignment]
-    t1 = time.perf_counter()
-    model = bio.load_model(src, lazy=True)
-    t2 = time.perf_counter()
-    fold_onnx(model, inplace=True, base_dir=os.path.dirname(os.path.abspath(src)))
-    t3 = time.perf_counter()
-    bio.save_model(model, dst, source_dir=os.path.dirname(os.path.abspath(src)))
-    t4 = time.perf_counter()
+    src_dir = os.path.dirname(os.path.abspath(src))
+    for optimistic in (True, False):  # what fold_path does: large folds checked where written
+        t1 = time.perf_counter()
+        model = bio.load_model(src, lazy=True)
+        t2 = time.perf_counter()
+        try:
+            fold_model(model, base_dir=src_dir, exclude=frozenset(), optimistic=optimistic)
+            t3 = time.perf_counter()
+            bio.save_model(model, dst, source_dir=src_dir)
+        except Undecided:
+            continue
+        t4 = time.perf_counter()
+        break
     return {
         "import": t_import,
         "load": t2 - t1,
         "fold": t3 - t2,
         "save": t4 - t3,
         "fsync": fsync_seconds,
+        "second_run": float(not optimistic),
     }
 
 

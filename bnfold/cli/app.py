@@ -185,7 +185,7 @@ def _exit_code_of(exc: BaseException, *, debug: bool) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
         return EXIT_BROKEN_PIPE
-    if isinstance(exc, SystemExit) and exc.code == EXIT_TERMINATED:  # SIGTERM: cleaned up on the way out
+    if _terminated(exc):  # SIGTERM: cleaned up on the way out
         print("bnfold: terminated; nothing was written", file=sys.stderr, flush=True)
         return EXIT_TERMINATED
     if not isinstance(exc, Exception):  # SystemExit, GeneratorExit: not a failure of ours
@@ -195,6 +195,19 @@ def _exit_code_of(exc: BaseException, *, debug: bool) -> int:
     hint = "" if debug else " (run with --debug for the traceback)"
     print_error(f"internal error: {type(exc).__name__}: {exc}{hint}")
     return EXIT_INTERNAL
+
+
+def _terminated(exc: BaseException) -> bool:
+    """Whether ``exc`` is SIGTERM's ``SystemExit(143)``, or what a C extension made of it: one
+    arriving while onnxruntime's module initializes comes back as an ImportError raised from it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, SystemExit) and current.code == EXIT_TERMINATED:
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 app = typer.Typer(

@@ -95,7 +95,7 @@ def resolve(scope: ConstantScope, name: str, *, what: str, depth: int = 0) -> np
                 non_const_reason(what),
                 f"{what} {name!r} is an initializer also listed as a graph input, so it can be overridden at run time",
             )
-        return read_initializer(scope.initializers[name], scope.index.base_dir)
+        return read_initializer(scope.initializers[name], scope.index.base_dir, scope.index.io_cache)
     node = scope.producer.get(name)
     if node is None:
         if name in scope.formal_inputs:
@@ -187,13 +187,23 @@ def _clamp(axis: int, rank: int) -> int:
     return min(max(axis + rank if axis < 0 else axis, 0), rank)
 
 
-def read_initializer(tensor: onnx.TensorProto, base_dir: str | None) -> np.ndarray:
-    """An initializer's values, reading external data (or a lazy stub) relative to ``base_dir``."""
+def read_initializer(
+    tensor: onnx.TensorProto, base_dir: str | None, cache: dict[str, Any] | None = None
+) -> np.ndarray:
+    """An initializer's values, reading external data (or a lazy stub) relative to ``base_dir``.
+
+    ``cache``: a dict kept for one pass, where the I/O layer remembers the data files it has
+    resolved (a model names one file from thousands of tensors)."""
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         return protos.to_array(tensor)
-    from .io import read_array  # lazy: the pass loads I/O only for external data
+    from .io import Files, read_array  # lazy: the pass loads I/O only for external data
 
-    return read_array(tensor, base_dir)
+    files = None
+    if cache is not None:
+        files = cache.get("files")
+        if files is None:
+            files = cache["files"] = Files()
+    return read_array(tensor, base_dir, files)
 
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray:

@@ -183,6 +183,8 @@ class ModelIndex:
             ns.scan_nodes(f.node)
             self.function_ns[(f.domain, f.name)] = ns
         self._typed = False
+        self.io_cache: dict[str, Any] = {}
+        """What the I/O layer learns about data files during this pass (see ``read_initializer``)."""
 
     def namespace(self, function: onnx.FunctionProto | None) -> Namespace:
         return self.main if function is None else self.function_ns[(function.domain, function.name)]

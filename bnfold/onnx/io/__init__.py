@@ -18,7 +18,17 @@ from __future__ import annotations
 
 from .atomic import remove_stale, terminate_as_exit, write_text_atomic
 from .datanames import ensure_not_overwriting, model_files
-from .external import Source, Stub, data_files, defer_scaled, is_lazy, scaled_of, source_dir_of, stub_of
+from .external import (
+    Files,
+    Source,
+    Stub,
+    data_files,
+    defer_scaled,
+    is_lazy,
+    scaled_of,
+    source_dir_of,
+    stub_of,
+)
 from .load import LAZY_THRESHOLD, load_model
 from .save import EXTERNAL_THRESHOLD, materialize, save_model
 from .staging import Staging
@@ -28,6 +38,7 @@ from .wire import copy_except
 __all__ = [
     "EXTERNAL_THRESHOLD",
     "LAZY_THRESHOLD",
+    "Files",
     "Source",
     "Staging",
     "Stub",

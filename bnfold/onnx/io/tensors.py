@@ -21,7 +21,7 @@ from bnfold.errors import InputError
 from bnfold.onnx import protos
 from bnfold.onnxlib import onnx
 
-from .external import is_external, payload_span, read_bytes, set_embedded
+from .external import Files, is_external, payload_span, read_bytes, set_embedded
 
 MAX_ELEMENTS = 2**48
 """No tensor in a model file declares more elements (256 T; the largest models have ~1 T bytes)."""
@@ -151,7 +151,9 @@ def _check_raw(tensor: onnx.TensorProto, info: _Type, count: int, length: int, w
         )
 
 
-def read_array(tensor: onnx.TensorProto, base_dir: str | None = None) -> np.ndarray:
+def read_array(
+    tensor: onnx.TensorProto, base_dir: str | None = None, files: Files | None = None
+) -> np.ndarray:
     """The value of any TensorProto: embedded (raw_data or typed fields), external, or a stub.
 
     ``base_dir`` is the directory external locations are relative to (not needed for tensors
@@ -163,7 +165,7 @@ def read_array(tensor: onnx.TensorProto, base_dir: str | None = None) -> np.ndar
     check_tensor(tensor, where)
     if is_external(tensor):
         if not tensor.HasField("raw_data"):
-            return _read_external(tensor, base_dir, where)
+            return _read_external(tensor, base_dir, where, files)
         copy = onnx.TensorProto()  # onnx's half-converted state: the data is still here
         copy.CopyFrom(tensor)
         del copy.external_data[:]
@@ -176,10 +178,12 @@ def read_array(tensor: onnx.TensorProto, base_dir: str | None = None) -> np.ndar
         raise InputError(f"{where}: its data does not fit its shape {shape} and type ({err})") from None
 
 
-def _read_external(tensor: onnx.TensorProto, base_dir: str | None, where: str) -> np.ndarray:
+def _read_external(
+    tensor: onnx.TensorProto, base_dir: str | None, where: str, files: Files | None
+) -> np.ndarray:
     if tensor.data_type == onnx.TensorProto.STRING:
         raise InputError(f"{where}: a string tensor, which cannot be stored externally")
-    path, offset, length, ref = payload_span(tensor, base_dir, where)
+    path, offset, length, ref = payload_span(tensor, base_dir, where, files)
     dtype = tensor_dtype(tensor, where)
     shape = tuple(int(d) for d in tensor.dims)
     count = element_count(tensor, where)
@@ -212,20 +216,7 @@ def _mapped(path: str, dtype: np.dtype, count: int, offset: int, short: str) -> 
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size < offset + nbytes:
                 raise InputError(short)
-            mm = _map(f.fileno(), offset + nbytes - start, start, nbytes)
+            mm = mmap.mmap(f.fileno(), offset + nbytes - start, access=mmap.ACCESS_READ, offset=start)
     except (OSError, ValueError) as err:
         raise InputError(f"{short} ({err})") from None
     return np.frombuffer(mm, dtype=dtype, count=count, offset=offset - start)
-
-
-POPULATE_MAX = 64 << 20
-"""Mappings up to this size are populated in one call (``MAP_POPULATE``): the values are read
-whole right away, and one call maps the pages for much less than a page fault per 64 kB."""
-
-
-def _map(fd: int, length: int, offset: int, nbytes: int) -> mmap.mmap:
-    """A read-only mapping; populated at once where the platform can (Linux) and it is small."""
-    populate = getattr(mmap, "MAP_POPULATE", 0)
-    if populate and nbytes <= POPULATE_MAX:
-        return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ, offset=offset)
-    return mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=offset)
