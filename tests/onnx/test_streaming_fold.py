@@ -11,6 +11,7 @@ import os
 import numpy as np
 import onnx
 import pytest
+from zoo_layouts import write_layouts
 
 from bnfold import fold_math
 from bnfold.api import fold_path
@@ -51,17 +52,7 @@ def _fold(src: str, folder: str) -> tuple[dict[str, bytes], object]:
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """Each model as a file with embedded weights and as one with every tensor in a data file."""
-    root = tmp_path_factory.mktemp("streaming")
-    made = {}
-    for name in NAMES:
-        model = onnx.load(str(registry.build_onnx(name)))
-        embedded = root / f"{name}.onnx"
-        onnx.save(model, str(embedded))
-        external = root / f"{name}-ext" / "model.onnx"
-        external.parent.mkdir()
-        onnx.save(model, str(external), save_as_external_data=True, location="w.bin", size_threshold=0)
-        made[name] = (str(embedded), str(external))
-    return made
+    return write_layouts(tmp_path_factory.mktemp("streaming"), NAMES)
 
 
 @pytest.mark.parametrize("layout", ["embedded", "external", "external-row-blocks"])

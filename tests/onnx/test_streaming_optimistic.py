@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
+from zoo_layouts import write_layouts
 
 import bnfold.api
 import bnfold.onnx.absorb
@@ -114,17 +115,7 @@ def _assert_same(undecided, decided) -> None:
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """Each model as a file with embedded weights and as one with every tensor in a data file."""
-    root = tmp_path_factory.mktemp("optimistic")
-    made = {}
-    for name in NAMES:
-        model = onnx.load(str(registry.build_onnx(name)))
-        embedded = root / f"{name}.onnx"
-        onnx.save(model, str(embedded))
-        external = root / f"{name}-ext" / "model.onnx"
-        external.parent.mkdir()
-        onnx.save(model, str(external), save_as_external_data=True, location="w.bin", size_threshold=0)
-        made[name] = (str(embedded), str(external))
-    return made
+    return write_layouts(tmp_path_factory.mktemp("optimistic"), NAMES)
 
 
 @pytest.mark.parametrize("layout", ["embedded", "external", "external-row-blocks", "external-row-checks"])

@@ -1,0 +1,25 @@
+"""Zoo models written in the two layouts a streaming fold reads: weights embedded in the model
+file, and every tensor in one external data file beside it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import onnx
+
+from models import registry
+
+
+def write_layouts(root: Path, names: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """``name -> (embedded path, external path)`` under ``root``."""
+    made = {}
+    for name in names:
+        model = onnx.load(str(registry.build_onnx(name)))
+        embedded = root / f"{name}.onnx"
+        onnx.save(model, str(embedded))
+        external = root / f"{name}-ext" / "model.onnx"
+        external.parent.mkdir()
+        onnx.save(model, str(external), save_as_external_data=True, location="w.bin", size_threshold=0)
+        made[name] = (str(embedded), str(external))
+    return made
