@@ -11,7 +11,7 @@ import os
 import numpy as np
 import onnx
 import pytest
-from zoo_layouts import write_layouts
+from zoo_layouts import CONV_MODELS, write_layouts
 
 from bnfold import fold_math
 from bnfold.api import fold_path
@@ -23,15 +23,7 @@ registry = pytest.importorskip("models.registry")
 pytest.importorskip("torch")
 
 NAMES = registry.names(large=False) + registry.converter_names()
-DEFERS = {
-    "resnet-basic",
-    "resnet-bottleneck",
-    "mobilenetv2",
-    "densenet",
-    "unet",
-    "conv1d-audio",
-    "conv3d-video",
-}
+DEFERS = CONV_MODELS
 """Models whose Conv folds must take the deferred path (the test proves something)."""
 
 

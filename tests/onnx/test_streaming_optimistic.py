@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
-from zoo_layouts import write_layouts
+from zoo_layouts import CONV_MODELS, write_layouts
 
 import bnfold.api
 import bnfold.onnx.absorb
@@ -25,15 +25,7 @@ registry = pytest.importorskip("models.registry")
 pytest.importorskip("torch")
 
 NAMES = registry.names(large=False) + registry.converter_names()
-UNDECIDES = {
-    "resnet-basic",
-    "resnet-bottleneck",
-    "mobilenetv2",
-    "densenet",
-    "unet",
-    "conv1d-audio",
-    "conv3d-video",
-}
+UNDECIDES = CONV_MODELS
 """Models whose Conv folds must be left undecided (the test proves something)."""
 
 
