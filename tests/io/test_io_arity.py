@@ -1,4 +1,4 @@
-"""The operator arity table (bnfold/onnx/io/arity.py) against onnx's live schemas.
+"""The operator arity table (bnfold/onnx/io/arity_table.py, read by arity.py) against onnx's live schemas.
 
 check_arity reads a generated table so that loading a model does not import onnx (0.5 s with
 ml_dtypes 0.7.0, issue 14). The table must answer exactly as ``onnx.defs.get_schema`` does; when
