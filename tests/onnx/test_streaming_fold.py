@@ -11,7 +11,7 @@ import os
 import numpy as np
 import onnx
 import pytest
-from zoo_layouts import CONV_MODELS, write_layouts
+from zoo_layouts import CONV_MODELS, read_files, write_layouts
 
 from bnfold import fold_math
 from bnfold.api import fold_path
@@ -27,18 +27,10 @@ DEFERS = CONV_MODELS
 """Models whose Conv folds must take the deferred path (the test proves something)."""
 
 
-def _files(folder: str) -> dict[str, bytes]:
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as f:
-            out[name] = f.read()
-    return out
-
-
 def _fold(src: str, folder: str) -> tuple[dict[str, bytes], object]:
     os.makedirs(folder)
     result = fold_path(src, os.path.join(folder, "out.onnx"), verify=False)
-    return _files(folder), result
+    return read_files(folder), result
 
 
 @pytest.fixture(scope="module")

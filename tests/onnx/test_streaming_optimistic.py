@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
-from zoo_layouts import CONV_MODELS, write_layouts
+from zoo_layouts import CONV_MODELS, read_files, write_layouts
 
 import bnfold.api
 import bnfold.onnx.absorb
@@ -69,21 +69,13 @@ def small_thresholds(monkeypatch):
     monkeypatch.setattr(fold_optimistic, "OPTIMISTIC_MIN_BYTES", 0)
 
 
-def _files(folder: str) -> dict[str, bytes]:
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as f:
-            out[name] = f.read()
-    return out
-
-
 def _both(src: str, tmp_path, monkeypatch, **kwargs):
     """``(files, result, spy)`` of the undecided fold and ``(files, result)`` of the decided one."""
     spy = Spy(monkeypatch)
     folder = tmp_path / "undecided"
     folder.mkdir()
     result = fold_path(src, str(folder / "out.onnx"), **kwargs)
-    files = _files(str(folder))
+    files = read_files(str(folder))
     spy.freeze()
     with monkeypatch.context() as m:
         m.setattr(fold_optimistic, "OPTIMISTIC_MIN_BYTES", 1 << 62)  # nothing left undecided
@@ -92,7 +84,7 @@ def _both(src: str, tmp_path, monkeypatch, **kwargs):
         ref_folder.mkdir()
         reference = fold_path(src, str(ref_folder / "out.onnx"), **kwargs)
         assert spy.undecided == before
-    return (files, result, spy), (_files(str(ref_folder)), reference)
+    return (files, result, spy), (read_files(str(ref_folder)), reference)
 
 
 def _assert_same(undecided, decided) -> None:
@@ -272,7 +264,9 @@ def test_hostile_weights_give_the_decided_report_and_bytes(
         assert len(report.folded) == 2
 
 
-def test_fallback_of_a_verified_fold_leaves_no_staging_files(rng, tmp_path, monkeypatch, small_thresholds):
+def test_fallback_of_a_verified_fold_leaves_no_stagingread_files(
+    rng, tmp_path, monkeypatch, small_thresholds
+):
     """The verifying fold stages its candidate; a run abandoned for a second one must remove
     it (and the second run publish the decided fold), in place too."""
     pytest.importorskip("onnxruntime")

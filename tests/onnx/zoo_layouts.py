@@ -3,6 +3,7 @@ file, and every tensor in one external data file beside it."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,3 +29,12 @@ def write_layouts(root: Path, names: Iterable[str]) -> dict[str, tuple[str, str]
         onnx.save(model, str(external), save_as_external_data=True, location="w.bin", size_threshold=0)
         made[name] = (str(embedded), str(external))
     return made
+
+
+def read_files(folder: str) -> dict[str, bytes]:
+    """Every file of ``folder`` by name: what a fold wrote, to compare byte for byte."""
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            out[name] = f.read()
+    return out
